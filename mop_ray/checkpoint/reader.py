@@ -1,0 +1,144 @@
+"""Open a Hugging Face model directory lazily: config, family, and every tensor's location, no tensor data.
+
+Only safetensors are read. Pickle-based weights (``.bin``/``.pt``) are refused, never unpickled: loading
+them can run arbitrary code, and they do not support reading one tensor without loading a whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from functools import cached_property
+from pathlib import Path
+
+from mop_ray.arch import Family, detect
+from mop_ray.checkpoint.safetensors_io import TensorInfo, read_header
+from mop_ray.errors import MopError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def load_json(path: Path, what: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise MopError(f"{path.parent}: no {path.name} ({what})") from None
+    except json.JSONDecodeError as e:
+        raise MopError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise MopError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+class Checkpoint:
+    """A model directory: ``config.json`` + safetensors (sharded with an index, or a single file)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MopError(f"--model {self.path}: expected a model directory, found {'a file' if self.path.exists() else 'nothing'}")
+        self.config: dict = load_json(self.path / "config.json", "the model config")
+        self.family: Family = detect(self.config)
+        self.weight_map: dict[str, str] = self._weight_map()
+        self.tensors: dict[str, TensorInfo] = self._headers()
+        self._check_layout()
+
+    # --- discovery ----------------------------------------------------------------------------------------
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_NAME
+        if index.exists():
+            wm = load_json(index, "the shard index").get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise MopError(f"{index}: expected a non-empty 'weight_map' object")
+            return dict(wm)
+        if (self.path / SINGLE_NAME).exists():
+            tensors, _ = read_header(self.path / SINGLE_NAME)
+            return {name: SINGLE_NAME for name in tensors}
+        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise MopError(
+                f"{self.path}: weights are pickle files ({', '.join(pickles[:3])}); mop-ray reads safetensors only and "
+                "never unpickles - convert them first (e.g. transformers save_pretrained(safe_serialization=True))"
+            )
+        shards = sorted(p.name for p in self.path.glob("*.safetensors"))
+        found = f"safetensors files without an index: {', '.join(shards[:3])}" if shards else "no weight files"
+        raise MopError(f"{self.path}: expected {INDEX_NAME} or {SINGLE_NAME}, found {found}")
+
+    def _headers(self) -> dict[str, TensorInfo]:
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for name, shard in self.weight_map.items():
+            by_file[shard].append(name)
+        tensors: dict[str, TensorInfo] = {}
+        for shard, names in sorted(by_file.items()):
+            path = self.path / shard
+            if not path.exists():
+                raise MopError(f"{self.path}: shard {shard} is listed in {INDEX_NAME} ({len(names)} tensors) but missing")
+            header, _ = read_header(path)
+            for name in names:
+                if name not in header:
+                    raise MopError(f"{path}: {INDEX_NAME} places tensor {name!r} in this shard but its header lacks it")
+                tensors[name] = header[name]
+        return tensors
+
+    def _check_layout(self) -> None:
+        fam, cfg = self.family, self.config
+        expected = set(fam.moe_layers(cfg))
+        found = {int(m.group(1)) for n in self.tensors if (m := fam.router_re.match(n)) and m.group(2) == "weight"}
+        found -= set(fam.mtp_layers(cfg))
+        if found != expected:
+            raise MopError(
+                f"{self.path}: config.json says MoE layers {sorted(expected)} but the weights have routers in layers "
+                f"{sorted(found)} (expected on-disk names like {fam.router_weight_name(min(expected or {0}))!r})"
+            )
+        n = self.num_experts
+        for i in sorted(found):
+            rows = self.tensors[fam.router_weight_name(i)].shape[0]
+            if rows != n:
+                raise MopError(f"{self.path}: layer {i} router has {rows} rows but config.json says {n} experts")
+
+    # --- facts --------------------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.family.num_experts(self.config)
+
+    @property
+    def top_k(self) -> int:
+        return self.family.top_k(self.config)
+
+    @property
+    def num_layers(self) -> int:
+        return self.family.num_layers(self.config)
+
+    @cached_property
+    def moe_layers(self) -> list[int]:
+        return self.family.moe_layers(self.config)
+
+    @cached_property
+    def mtp_layers(self) -> list[int]:
+        return [i for i in self.family.mtp_layers(self.config) if any(n.startswith(f"model.layers.{i}.") for n in self.tensors)]
+
+    def layer_of(self, name: str) -> int | None:
+        m = LAYER_RE.match(name)
+        return int(m.group(1)) if m else None
+
+    @cached_property
+    def layer_bytes(self) -> dict[int, int]:
+        sizes: dict[int, int] = defaultdict(int)
+        for name, t in self.tensors.items():
+            layer = self.layer_of(name)
+            if layer is not None:
+                sizes[layer] += t.nbytes
+        return dict(sizes)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def layer_tensors(self, i: int) -> dict[str, TensorInfo]:
+        prefix = self.family.layer_prefix(i)
+        return {n: t for n, t in self.tensors.items() if n.startswith(prefix)}

@@ -1,0 +1,147 @@
+"""Byte-level safetensors reading and streamed writing.
+
+The pruned writer never materialises tensors: it parses source headers, plans which byte ranges each output
+tensor is made of (a kept expert's whole tensor, or the kept rows of a router), and copies those ranges into
+output shards whose headers are known before the first byte is written. Peak memory is one copy buffer,
+whatever the dtype (bf16, fp8 and its ``weight_scale_inv`` are copied verbatim), and dropped experts' bytes
+are never read.
+
+Format (https://github.com/huggingface/safetensors): ``u64 little-endian header length N``, ``N`` bytes of
+JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then the data;
+offsets are relative to the end of the header and the data of all tensors tile ``[0, total)`` with no gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from mop_ray.errors import MopError
+
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation refuses larger headers too
+COPY_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live in a safetensors file (absolute file offsets)."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in the file
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    def row_range(self, row: int) -> tuple[int, int]:
+        """(absolute offset, nbytes) of ``tensor[row]`` (row-major, so every row is contiguous)."""
+        row_bytes = self.nbytes // self.shape[0]
+        return self.start + row * row_bytes, row_bytes
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header without reading tensor data; raise MopError if it is corrupt."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MopError(f"{path}: corrupt safetensors file: expected an 8-byte header length, found {size} bytes")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise MopError(f"{path}: corrupt safetensors header: declared length {n} but the file has {size} bytes")
+            raw = f.read(n)
+    except OSError as e:
+        raise MopError(f"{path}: cannot read safetensors file: {e.strerror}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MopError(f"{path}: corrupt safetensors header: not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise MopError(f"{path}: corrupt safetensors header: expected a JSON object, found {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start, data_len = 8 + n, size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (b, e) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise MopError(f"{path}: corrupt safetensors header: entry {name!r} lacks dtype/shape/data_offsets") from None
+        if dtype not in DTYPE_SIZES:
+            raise MopError(f"{path}: unsupported dtype {dtype!r} for tensor {name!r} (known: {', '.join(DTYPE_SIZES)})")
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if not (0 <= b <= e <= data_len) or e - b != expected:
+            raise MopError(
+                f"{path}: corrupt safetensors header: {name!r} {dtype}{list(shape)} needs {expected} bytes, "
+                f"offsets [{b}, {e}) in a data section of {data_len} bytes"
+            )
+        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + b, e - b)
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+@dataclass
+class OutTensor:
+    """One tensor of an output shard: its final name, dtype, shape and the source byte ranges it is made of."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: list[tuple[Path, int, int]]  # (source file, absolute offset, nbytes), concatenated in order
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p[2] for p in self.pieces)
+
+
+def _layout(tensors: list[OutTensor], metadata: dict[str, str]) -> tuple[bytes, list[OutTensor]]:
+    """Header bytes and the data order. Larger itemsizes first keeps every tensor aligned to its itemsize."""
+    order = sorted(tensors, key=lambda t: (-DTYPE_SIZES[t.dtype], t.name))
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for t in order:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, like the reference writer
+    return struct.pack("<Q", len(raw)) + raw, order
+
+
+def write_shard(path: str | os.PathLike, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> int:
+    """Stream ``tensors`` into a new safetensors file by copying their source byte ranges; return bytes of data."""
+    header, order = _layout(tensors, metadata or {"format": "pt"})
+    buf = bytearray(COPY_CHUNK)
+    view = memoryview(buf)
+    handles: dict[Path, object] = {}
+    written = 0
+    try:
+        with open(path, "wb") as out:
+            out.write(header)
+            for t in order:
+                for src, offset, nbytes in t.pieces:
+                    f = handles.get(src) or handles.setdefault(src, open(src, "rb"))
+                    f.seek(offset)
+                    left = nbytes
+                    while left:
+                        got = f.readinto(view[: min(left, COPY_CHUNK)])
+                        if not got:
+                            raise MopError(f"{src}: file ended early while copying tensor {t.name!r}")
+                        out.write(view[:got])
+                        left -= got
+                written += t.nbytes
+    finally:
+        for f in handles.values():
+            f.close()
+    return written

@@ -1,0 +1,214 @@
+"""Write the pruned checkpoint: streamed shards, index, patched config, copied tokenizer files, pruning.json.
+
+Everything is planned from source headers before a byte is written (``plan_tensors`` → ``plan_shards``),
+so each output shard is a pure function of (source, keep-map) and can be written by any worker
+(``write_one_shard``), in any order, and retried. ``publish`` writes into a temporary sibling directory
+and renames it into place only when complete, so ``--out`` never holds a partial checkpoint.
+
+DeepSeek MTP layers (``model.layers.{num_hidden_layers}+``) are dropped and ``num_nextn_predict_layers`` is
+set to 0: transformers ignores them, pruning them would need calibration through the MTP block, and a
+keep rule borrowed from another layer would silently break speculative decoding. vLLM then serves the model
+without MTP speculative decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from mop_ray.checkpoint.keepmap import normalise_keep_map
+from mop_ray.checkpoint.reader import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
+from mop_ray.checkpoint.safetensors_io import OutTensor, TensorInfo, write_shard
+from mop_ray.errors import MopError
+
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
+NOT_COPIED = {"config.json", INDEX_NAME, "pruning.json"}
+WEIGHT_SUFFIXES = (".safetensors", ".gguf") + PICKLE_SUFFIXES
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5e9, '512MiB' -> 512*2**20, 1000 -> 1000 (the units of transformers' max_shard_size)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise MopError(f"--max-shard-size: expected a size like 5GB or 500MiB, found {size!r}")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def _rows(t: TensorInfo, rows: list[int]) -> list[tuple[Path, int, int]]:
+    """Byte ranges of ``t[rows]``, adjacent rows merged into one range."""
+    pieces: list[tuple[Path, int, int]] = []
+    for row in rows:
+        start, n = t.row_range(row)
+        if pieces and pieces[-1][1] + pieces[-1][2] == start:
+            pieces[-1] = (t.path, pieces[-1][1], pieces[-1][2] + n)
+        else:
+            pieces.append((t.path, start, n))
+    return pieces
+
+
+def _order_key(ckpt: Checkpoint, name: str) -> tuple:
+    layer = ckpt.layer_of(name)
+    if layer is not None:
+        return (1, layer, name)
+    return (0 if "embed" in name else 2, 0, name)
+
+
+def plan_tensors(ckpt: Checkpoint, keep: dict[int, list[int]]) -> list[OutTensor]:
+    """Every output tensor with its final name and the source byte ranges it is copied from."""
+    fam = ckpt.family
+    drop_layers = set(ckpt.mtp_layers)
+    out: list[OutTensor] = []
+    for name in sorted(ckpt.tensors, key=lambda n: _order_key(ckpt, n)):
+        t = ckpt.tensors[name]
+        layer = ckpt.layer_of(name)
+        if layer in drop_layers:
+            continue
+        if m := fam.expert_re.match(name):
+            kept = keep[int(m.group(1))]
+            e = int(m.group(2))
+            if e in kept:
+                new = f"model.layers.{m.group(1)}.{fam.moe_module}.experts.{kept.index(e)}.{m.group(3)}"
+                out.append(OutTensor(new, t.dtype, t.shape, [(t.path, t.start, t.nbytes)]))
+        elif fam.router_re.match(name) or fam.fused_expert_re.match(name):
+            kept = keep[layer]
+            if t.shape[0] != ckpt.num_experts:
+                raise MopError(f"{t.path}: {name} has {t.shape[0]} rows, expected one per expert ({ckpt.num_experts})")
+            out.append(OutTensor(name, t.dtype, (len(kept),) + t.shape[1:], _rows(t, kept)))
+        else:
+            out.append(OutTensor(name, t.dtype, t.shape, [(t.path, t.start, t.nbytes)]))
+    return out
+
+
+def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
+    """Consecutive tensors packed into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return [s for s in shards if s]
+
+
+def write_one_shard(directory: Path, index: int, count: int, tensors: list[OutTensor]) -> str:
+    name = SHARD_NAME.format(index + 1, count)
+    write_shard(directory / name, tensors, {"format": "pt"})
+    return name
+
+
+@dataclass
+class WriteResult:
+    out: Path
+    shards: int
+    total_bytes: int
+    source_bytes: int
+    seconds: float
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise MopError(f"--out {out}: exists and is a file; expected a new or empty directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MopError(f"--out {out}: directory is not empty; pass --overwrite to replace it")
+
+
+def write_pruned(
+    src: Checkpoint | str | Path,
+    out: str | Path,
+    keep_map: dict,
+    *,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    info: dict | None = None,
+    shard_writer=None,
+) -> WriteResult:
+    """Write ``src`` with only the experts in ``keep_map`` to ``out``, atomically.
+
+    ``shard_writer(directory, plans)`` may write the shards elsewhere (Ray tasks); by default they are
+    written here, one after another. ``info`` is merged into ``pruning.json`` (method, parameters, scores).
+    """
+    t0 = time.time()
+    ckpt = src if isinstance(src, Checkpoint) else Checkpoint(src)
+    out = Path(out).absolute()
+    check_out(out, overwrite)
+    keep = normalise_keep_map(ckpt, keep_map)
+    r = len(next(iter(keep.values())))
+    shards = plan_shards(plan_tensors(ckpt, keep), parse_size(max_shard_size))
+    total = sum(t.nbytes for s in shards for t in s)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if free < total:
+        raise MopError(f"--out {out}: needs {total / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free there")
+
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        plans = [(i, len(shards), s) for i, s in enumerate(shards)]
+        names = shard_writer(tmp, plans) if shard_writer else [write_one_shard(tmp, *p) for p in plans]
+        weight_map = {t.name: name for name, s in zip(names, shards) for t in s}
+        _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        _write_json(tmp / "config.json", ckpt.family.patch_config(ckpt.config, r))
+        for f in sorted(ckpt.path.iterdir()):
+            if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(f, tmp / f.name)
+        seconds = time.time() - t0
+        _write_json(tmp / "pruning.json", {
+            **(info or {}),
+            "keep_map": {str(k): v for k, v in sorted(keep.items())},
+            "source": str(ckpt.path),
+            "family": ckpt.family.name,
+            "experts_before": ckpt.num_experts,
+            "experts_after": r,
+            "dropped_mtp_layers": ckpt.mtp_layers,
+            "bytes_before": ckpt.total_bytes,
+            "bytes_after": total,
+            "versions": _versions(),
+            "timings": {**(info or {}).get("timings", {}), "write_s": round(seconds, 3)},
+        })
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return WriteResult(out, len(shards), total, ckpt.total_bytes, time.time() - t0)
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished directory into place; an existing --out is moved aside first, then removed."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("mop-ray", "transformers", "torch", "safetensors", "ray"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,141 @@
+"""``mop-ray`` command line: prune, inspect, demo.
+
+Every user error is one line, ``mop-ray: error: ...``, exit status 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from mop_ray import __version__
+from mop_ray.errors import MopError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from mop_ray.prune import prune
+
+    res = prune(args.model, args.out, method=args.method, keep=args.keep, seed=args.seed,
+                keep_map_file=args.keep_map, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    print(f"wrote {res.out}: {res.shards} shards, {_human(res.total_bytes)} "
+          f"({100 * res.total_bytes / res.source_bytes:.1f}% of {_human(res.source_bytes)}) in {res.seconds:.1f}s")
+    return 0
+
+
+def inspect_dict(model: str) -> dict:
+    from mop_ray.checkpoint.reader import Checkpoint
+
+    ckpt = Checkpoint(model)
+    spec = ckpt.family.router_spec(ckpt.config)
+    return {
+        "model": str(ckpt.path),
+        "family": ckpt.family.name,
+        "layers": ckpt.num_layers,
+        "experts": ckpt.num_experts,
+        "top_k": ckpt.top_k,
+        "moe_layers": ckpt.moe_layers,
+        "dense_layers": [i for i in range(ckpt.num_layers) if i not in ckpt.moe_layers],
+        "mtp_layers": ckpt.mtp_layers,
+        "router": {k: v for k, v in spec.__dict__.items()},
+        "shared_experts": list(ckpt.family.shared_modules),
+        "bytes_per_layer": {str(k): v for k, v in sorted(ckpt.layer_bytes.items())},
+        "total_bytes": ckpt.total_bytes,
+        "shards": len(set(ckpt.weight_map.values())),
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_dict(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    r = info["router"]
+    groups = f", {r['n_group']} groups (top {r['topk_group']})" if r["group_score"] else ""
+    print(f"{info['model']}\n  family      {info['family']}\n  layers      {info['layers']} "
+          f"({len(info['moe_layers'])} MoE, {len(info['dense_layers'])} dense"
+          f"{', ' + str(len(info['mtp_layers'])) + ' MTP' if info['mtp_layers'] else ''})\n"
+          f"  experts     {info['experts']} routed, top-{info['top_k']}, {r['scoring']} router"
+          f"{', renormalised' if r['norm_topk_prob'] else ''}{groups}"
+          f"{', shared: ' + '+'.join(info['shared_experts']) if info['shared_experts'] else ''}\n"
+          f"  size        {_human(info['total_bytes'])} in {info['shards']} shards")
+    for layer, size in info["bytes_per_layer"].items():
+        kind = "MTP" if int(layer) in info["mtp_layers"] else "MoE" if int(layer) in info["moe_layers"] else "dense"
+        print(f"  layer {int(layer):>4}  {kind:<5} {_human(size):>10}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build a tiny random Mixtral, prune it 8 -> 4 with ``random``, reload it with transformers, generate."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mop_ray.prune import prune
+    from mop_ray.zoo.tiny import build_tiny
+
+    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mop-ray-demo-"))
+    src, out = work / "tiny-mixtral", work / "tiny-mixtral-pruned"
+    print(f"building a tiny random Mixtral in {src}")
+    build_tiny("mixtral", src, max_shard_size="200KB")
+    args_inspect = argparse.Namespace(model=str(src), json=False)
+    cmd_inspect(args_inspect)
+    res = prune(src, out, method="random", keep=4, seed=0, overwrite=True, max_shard_size="200KB")
+    print(f"pruned 8 -> 4 experts per layer: {res.out} ({_human(res.total_bytes)} of {_human(res.source_bytes)})")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The quick brown fox", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    print(f"reloaded with transformers: {model.config.num_local_experts} experts/layer; "
+          f"generated {gen.shape[1] - ids.shape[1]} tokens (random weights, so the text is noise)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mop-ray", description="Remove whole experts from MoE LLMs.")
+    p.add_argument("--version", action="version", version=f"mop-ray {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prune", help="write a checkpoint with R experts per MoE layer")
+    pr.add_argument("--model", required=True, help="source model directory (config.json + safetensors)")
+    pr.add_argument("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
+    pr.add_argument("--method", default="random", help="selection method (see README: Methods)")
+    pr.add_argument("--keep", type=int, help="experts to keep per MoE layer (R)")
+    pr.add_argument("--keep-map", help="JSON {layer: [expert ids]} (or a pruning.json) to apply instead of a method")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
+    pr.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MiB")
+    pr.set_defaults(fn=cmd_prune)
+
+    ins = sub.add_parser("inspect", help="family, layers, experts, top-k and bytes per layer of a model")
+    ins.add_argument("--model", required=True)
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ins.set_defaults(fn=cmd_inspect)
+
+    demo = sub.add_parser("demo", help="prune a tiny built-in model end to end, offline")
+    demo.add_argument("--quick", action="store_true", help="the tiny random model (the only demo so far)")
+    demo.add_argument("--out", help="work directory (default: a new temporary directory)")
+    demo.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except MopError as e:
+        print(f"mop-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

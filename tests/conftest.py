@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random checkpoints of every family, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+# Keep Ray on loopback and off token auth in tests (README: "Ray on a laptop / in CI"); set before any import.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{family: path} of tiny random checkpoints, several shards each, with a tokenizer."""
+    from transformers.utils import logging
+
+    from mop_ray.zoo.tiny import build_tiny
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: build_tiny(fam, root / fam) for fam in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param

@@ -1,0 +1,113 @@
+"""Architecture adapters on tiny random models of every family: detection, layout, router, layer loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mop_ray.arch import detect, families, route
+from mop_ray.arch.layer import build_layer, hf_config, rotary_embedding
+from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.errors import MopError
+
+from conftest import FAMILIES
+
+
+def load_full(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_registry_has_the_six_families():
+    assert sorted(families()) == sorted(FAMILIES)
+
+
+def test_unsupported_family_lists_what_is_supported():
+    with pytest.raises(MopError) as e:
+        detect({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    msg = str(e.value)
+    assert "unsupported model family" in msg and "llama" in msg
+    assert all(f in msg for f in FAMILIES) and "\n" not in msg
+
+
+def test_detect_by_architectures_when_model_type_is_unknown():
+    assert detect({"model_type": "x", "architectures": ["DeepseekV3ForCausalLM"]}).name == "deepseek_v3"
+
+
+def test_layout_matches_the_transformers_model(tiny_models, family):
+    ckpt = Checkpoint(tiny_models[family])
+    model = load_full(ckpt.path)
+    moe = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    assert ckpt.family.name == family
+    assert ckpt.moe_layers == moe
+    assert ckpt.num_experts == model.model.layers[moe[0]].mlp.experts.gate_up_proj.shape[0] == 8
+    assert ckpt.top_k == 2
+    assert ckpt.mtp_layers == ([3] if family == "deepseek_v3" else [])
+    assert len(set(ckpt.weight_map.values())) > 3  # really sharded
+    assert set(ckpt.layer_bytes) == set(range(ckpt.num_layers)) | set(ckpt.mtp_layers)
+
+
+def test_router_function_equals_the_model_router(tiny_models, family):
+    ckpt = Checkpoint(tiny_models[family])
+    model = load_full(ckpt.path)
+    spec = ckpt.family.router_spec(ckpt.config)
+    torch.manual_seed(0)
+    for i in ckpt.moe_layers:
+        gate = model.model.layers[i].mlp.gate
+        x = torch.randn(64, model.config.hidden_size)
+        with torch.no_grad():
+            logits, w_ref, idx_ref = gate(x)
+        bias = getattr(gate, "e_score_correction_bias", None)
+        idx, w = route(spec, logits, bias)
+        order_ref, order = idx_ref.sort(-1), idx.sort(-1)
+        assert torch.equal(order_ref.values, order.values)
+        torch.testing.assert_close(w_ref.float().gather(1, order_ref.indices), w.gather(1, order.indices))
+
+
+def test_route_with_keep_mask_equals_the_physically_pruned_router(tiny_models, family):
+    ckpt = Checkpoint(tiny_models[family])
+    spec = ckpt.family.router_spec(ckpt.config)
+    keep_ids = [0, 2, 5, 7] if spec.n_group > 1 else [1, 2, 4, 6]  # 2 per group of 4 where groups apply
+    keep = torch.zeros(8, dtype=torch.bool)
+    keep[keep_ids] = True
+    torch.manual_seed(1)
+    logits = torch.randn(128, 8) * 2
+    bias = torch.rand(8) * 0.1 if spec.has_correction_bias else None
+    idx_masked, w_masked = route(spec, logits, bias, keep=keep)
+    pruned_bias = bias[keep_ids] if bias is not None else None
+    idx_small, w_small = route(spec, logits[:, keep_ids], pruned_bias)  # renumbered 0..3
+    mapped = torch.tensor(keep_ids)[idx_small]
+    a, b = idx_masked.sort(-1), mapped.sort(-1)
+    assert torch.equal(a.values, b.values)
+    torch.testing.assert_close(w_masked.gather(1, a.indices), w_small.gather(1, b.indices))
+
+
+def test_layer_built_from_safetensors_equals_the_layer_in_the_full_model(tiny_models, family):
+    ckpt = Checkpoint(tiny_models[family])
+    model = load_full(ckpt.path)
+    captured = {}
+    hooks = [
+        layer.register_forward_hook(
+            lambda mod, args, kwargs, out, i=i: captured.__setitem__(i, (kwargs.get("hidden_states", args[0] if args else None), out)),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    cfg = hf_config(ckpt)
+    rotary = rotary_embedding(ckpt, cfg)
+    pos = torch.arange(16)[None].expand(2, -1)
+    for i in range(ckpt.num_layers):
+        layer = build_layer(ckpt, i, config=cfg)
+        h_in, h_out = captured[i]
+        with torch.no_grad():
+            out = layer(h_in, attention_mask=None, position_ids=pos, position_embeddings=rotary(h_in, pos))
+        out = out[0] if isinstance(out, tuple) else out
+        h_out = h_out[0] if isinstance(h_out, tuple) else h_out
+        assert (out - h_out).abs().max().item() <= 1e-6, f"layer {i}"
+        assert not any(p.is_meta for p in layer.parameters())
