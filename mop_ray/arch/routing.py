@@ -10,8 +10,10 @@ without rebuilding a layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily so the checkpoint writer stays light
+    import torch
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ def route(
     keep: torch.Tensor | None = None,  # [E] bool, experts that survive pruning
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k ids [T, k] and gate weights [T, k] (float32), matching the family's router module."""
+    import torch
+
     logits = logits.float()
     n_experts = logits.shape[-1]
     if spec.scoring == "softmax":

@@ -1,0 +1,150 @@
+"""Bad input: one clear line on stderr, exit status 2, and nothing written (or an existing --out untouched)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from mop_ray.checkpoint.writer import write_pruned
+from mop_ray.cli import main
+from mop_ray.errors import MopError
+
+
+def copy_model(tiny_models, family, tmp_path):
+    dst = tmp_path / f"src-{family}"
+    shutil.copytree(tiny_models[family], dst)
+    return dst
+
+
+def run_fails(capsys, tmp_path, args, expect):
+    out = tmp_path / "out"
+    rc = main(["prune", "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mop-ray: error: "), err
+    assert expect in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    return lines[0]
+
+
+def write_keep(tmp_path, keep):
+    path = tmp_path / "keep.json"
+    path.write_text(json.dumps(keep))
+    return ["--keep-map", str(path)]
+
+
+def test_missing_index_and_shards(tiny_models, tmp_path, capsys):
+    src = copy_model(tiny_models, "mixtral", tmp_path)
+    shard = sorted(src.glob("model-*.safetensors"))[2]
+    shard.unlink()
+    run_fails(capsys, tmp_path, ["--model", str(src), "--keep", "4"], f"shard {shard.name} is listed")
+    (src / "model.safetensors.index.json").unlink()
+    run_fails(capsys, tmp_path, ["--model", str(src), "--keep", "4"], "expected model.safetensors.index.json")
+
+
+def test_corrupt_safetensors_header(tiny_models, tmp_path, capsys):
+    src = copy_model(tiny_models, "olmoe", tmp_path)
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[8:16] = b"\x00garbage"
+    shard.write_bytes(bytes(data))
+    run_fails(capsys, tmp_path, ["--model", str(src), "--keep", "4"], "corrupt safetensors header")
+    shard.write_bytes(bytes(data[:7]))
+    run_fails(capsys, tmp_path, ["--model", str(src), "--keep", "4"], "corrupt safetensors file")
+
+
+def test_truncated_shard(tiny_models, tmp_path, capsys):
+    src = copy_model(tiny_models, "olmoe", tmp_path)
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    run_fails(capsys, tmp_path, ["--model", str(src), "--keep", "4"], "corrupt safetensors header")
+
+
+def test_unsupported_family(tiny_models, tmp_path, capsys):
+    src = copy_model(tiny_models, "mixtral", tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (src / "config.json").write_text(json.dumps(cfg))
+    line = run_fails(capsys, tmp_path, ["--model", str(src), "--keep", "4"], "unsupported model family")
+    assert "mixtral" in line and "deepseek_v3" in line
+
+
+@pytest.mark.parametrize("keep,expect", [(8, "must be below the 8 experts"), (9, "must be below"),
+                                         (1, "at least the router top-k")])
+def test_bad_expert_count(tiny_models, tmp_path, capsys, keep, expect):
+    run_fails(capsys, tmp_path, ["--model", str(tiny_models["qwen3_moe"]), "--keep", str(keep)], expect)
+
+
+@pytest.mark.parametrize("keep,expect", [
+    ({"0": [0, 1, 1, 2], "1": [0, 1, 2, 3], "2": [0, 1, 2, 3]}, "duplicate expert ids [1]"),
+    ({"0": [0, 1, 2, 8], "1": [0, 1, 2, 3], "2": [0, 1, 2, 3]}, "out of range [0, 8)"),
+    ({"0": [0, 1, 2, 3], "1": [0, 1, 2, 3]}, "no entry for MoE layers 2"),
+    ({"0": [0, 1, 2, 3], "1": [0, 1, 2, 3], "2": [0, 1, 2, 3], "7": [0, 1, 2, 3]}, "layer 7 is not an MoE layer"),
+    ({"0": [0, 1, 2, 3], "1": [0, 1, 2], "2": [0, 1, 2, 3]}, "counts differ across layers"),
+    ({"0": ["a"], "1": [0], "2": [0]}, "expected a list of integer expert ids"),
+])
+def test_bad_keep_maps(tiny_models, tmp_path, capsys, keep, expect):
+    run_fails(capsys, tmp_path, ["--model", str(tiny_models["mixtral"]), *write_keep(tmp_path, keep)], expect)
+
+
+def test_keep_map_file_problems(tiny_models, tmp_path, capsys):
+    model = ["--model", str(tiny_models["mixtral"])]
+    run_fails(capsys, tmp_path, [*model, "--keep-map", str(tmp_path / "nope.json")], "no such file")
+    (tmp_path / "bad.json").write_text("{not json")
+    run_fails(capsys, tmp_path, [*model, "--keep-map", str(tmp_path / "bad.json")], "not valid JSON")
+
+
+def test_deepseek_group_violations(tiny_models, tmp_path, capsys):
+    for fam in ("deepseek_v2", "deepseek_v3"):
+        model = ["--model", str(tiny_models[fam])]
+        run_fails(capsys, tmp_path, [*model, "--keep", "3"], "multiple of n_group=2")
+        unbalanced = {"1": [0, 1, 2, 4], "2": [0, 1, 4, 5]}  # layer 1 keeps 3 + 1 in its two groups
+        run_fails(capsys, tmp_path, [*model, *write_keep(tmp_path, unbalanced)], "keeps [3, 1] experts")
+    run_fails(capsys, tmp_path, ["--model", str(tiny_models["deepseek_v3"]), "--keep", "2"], "needs >= 2")
+
+
+def test_non_empty_out_is_left_alone(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    rc = main(["prune", "--model", str(tiny_models["mixtral"]), "--out", str(out), "--keep", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not empty; pass --overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_pickle_weights_are_refused_not_unpickled(tiny_models, tmp_path, capsys):
+    src = tmp_path / "pickled"
+    src.mkdir()
+    shutil.copy(tiny_models["mixtral"] / "config.json", src)
+    # A pickle that would create a file if it were ever loaded.
+    marker = tmp_path / "unpickled"
+    payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    (src / "pytorch_model.bin").write_bytes(payload)
+    run_fails(capsys, tmp_path, ["--model", str(src), "--keep", "4"], "never unpickles")
+    assert not marker.exists()
+
+
+def test_failure_while_writing_leaves_no_partial_output(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    keep = {str(i): [0, 1, 2, 3] for i in range(3)}
+
+    def broken_writer(directory, plans):
+        (directory / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+        raise MopError("worker lost")
+
+    with pytest.raises(MopError, match="worker lost"):
+        write_pruned(tiny_models["mixtral"], out, keep, shard_writer=broken_writer)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_missing_keep_argument(tiny_models, tmp_path, capsys):
+    run_fails(capsys, tmp_path, ["--model", str(tiny_models["mixtral"])], "pass --keep R")
+
+
+def test_model_dir_missing(tmp_path, capsys):
+    run_fails(capsys, tmp_path, ["--model", str(tmp_path / "nothing"), "--keep", "4"], "expected a model directory")
