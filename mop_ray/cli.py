@@ -23,13 +23,72 @@ def _human(n: float) -> str:
     return str(n)
 
 
+PRUNE_DEFAULTS = {
+    "method": "random", "keep": None, "general": None, "calib": "default", "tokens": 128 * 2048, "seq_len": 2048,
+    "sample": 65536, "seed": 0, "run_dir": None, "address": None, "resume": False, "overwrite": False,
+    "keep_map": None, "stages": None, "micro_batch": 4, "max_shard_size": "5GB", "dtype": None,
+}
+CONFIG_ONLY = {"model", "out"}
+
+
+def apply_config(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset prune options from --config FILE.yaml (same keys as the flags; flags win), then defaults."""
+    values = {}
+    if args.config:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(args.config).read_text()) or {}
+        except FileNotFoundError:
+            raise MopError(f"--config {args.config}: no such file") from None
+        except yaml.YAMLError as e:
+            raise MopError(f"--config {args.config}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise MopError(f"--config {args.config}: expected a mapping of option: value, found {type(data).__name__}")
+        known = set(PRUNE_DEFAULTS) | CONFIG_ONLY
+        for key, value in data.items():
+            dest = str(key).replace("-", "_")
+            if dest not in known:
+                raise MopError(f"--config {args.config}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+            values[dest] = value
+    for dest in set(PRUNE_DEFAULTS) | CONFIG_ONLY:
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, values.get(dest, PRUNE_DEFAULTS.get(dest)))
+    for dest in CONFIG_ONLY:
+        if getattr(args, dest) is None:
+            raise MopError(f"prune: --{dest} is required (on the command line or in --config)")
+    return args
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    from mop_ray.methods import get_method
+
+    args = apply_config(args)
+    if args.keep_map is None and get_method(args.method).needs_records:
+        from actors.coordinator import PruneJob, run
+
+        job = PruneJob(**{k: getattr(args, k) for k in PRUNE_DEFAULTS if k != "keep_map"}, model=args.model, out=args.out)
+        run(job)
+        return 0
     from mop_ray.prune import prune
 
     res = prune(args.model, args.out, method=args.method, keep=args.keep, seed=args.seed,
                 keep_map_file=args.keep_map, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(f"wrote {res.out}: {res.shards} shards, {_human(res.total_bytes)} "
           f"({100 * res.total_bytes / res.source_bytes:.1f}% of {_human(res.source_bytes)}) in {res.seconds:.1f}s")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from mop_ray.checkpoint.reader import Checkpoint
+    from mop_ray.plan import describe, plan_stages
+
+    ckpt = Checkpoint(args.model)
+    stages = plan_stages(ckpt, args.stages, micro_batch_tokens=args.micro_batch * args.seq_len)
+    if args.json:
+        print(json.dumps([s.to_dict() for s in stages], indent=2))
+    else:
+        print(describe(stages, ckpt))
     return 0
 
 
@@ -106,15 +165,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prune", help="write a checkpoint with R experts per MoE layer")
-    pr.add_argument("--model", required=True, help="source model directory (config.json + safetensors)")
-    pr.add_argument("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
-    pr.add_argument("--method", default="random", help="selection method (see README: Methods)")
+    pr.add_argument("--model", help="source model directory (config.json + safetensors)")
+    pr.add_argument("--out", help="output directory (must be new or empty unless --overwrite)")
+    pr.add_argument("--method", help="selection method (default random; see README: Methods)")
     pr.add_argument("--keep", type=int, help="experts to keep per MoE layer (R)")
+    pr.add_argument("--general", type=int, help="general experts kept by reconstruction loss (MoP, GVP)")
     pr.add_argument("--keep-map", help="JSON {layer: [expert ids]} (or a pruning.json) to apply instead of a method")
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, at the end)")
-    pr.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MiB")
+    pr.add_argument("--calib", help="calibration data: default | FILE | FOLDER | MIXTURE.yaml | HF dataset name")
+    pr.add_argument("--tokens", type=int, help="total calibration tokens (default 262144)")
+    pr.add_argument("--seq-len", type=int, help="calibration block length (default 2048)")
+    pr.add_argument("--sample", type=int, help="tokens per layer kept as records for the methods (default 65536)")
+    pr.add_argument("--seed", type=int)
+    pr.add_argument("--run-dir", help="records, calib.parquet and manifest (default <out>.run)")
+    pr.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
+    pr.add_argument("--resume", action="store_true", default=None, help="skip phases the run dir's manifest has done")
+    pr.add_argument("--stages", type=int, help="pipeline stages (default: one per GPU, one when there is none)")
+    pr.add_argument("--micro-batch", type=int, help="calibration blocks per micro-batch (default 4)")
+    pr.add_argument("--dtype", help="compute dtype of the stages (default: the checkpoint's)")
+    pr.add_argument("--config", help="YAML with the same keys as these flags; flags win")
+    pr.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out (atomically)")
+    pr.add_argument("--max-shard-size", help="largest output shard, e.g. 5GB or 500MiB")
     pr.set_defaults(fn=cmd_prune)
+
+    pl = sub.add_parser("plan", help="show how layers split into pipeline stages")
+    pl.add_argument("--model", required=True)
+    pl.add_argument("--stages", type=int, default=1)
+    pl.add_argument("--micro-batch", type=int, default=4)
+    pl.add_argument("--seq-len", type=int, default=2048)
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=cmd_plan)
 
     ins = sub.add_parser("inspect", help="family, layers, experts, top-k and bytes per layer of a model")
     ins.add_argument("--model", required=True)

@@ -33,3 +33,22 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture
+def ray_local():
+    """A local Ray instance (loopback only), shared by tests; a test that needs another cluster shuts it down."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+
+
+def small_job(model, out, **kw):
+    from actors.coordinator import PruneJob
+
+    base = dict(model=str(model), out=str(out), method="reap", keep=4, tokens=8 * 32, seq_len=32, sample=10_000,
+                micro_batch=2, stages=1, overwrite=True, progress=False)
+    base.update(kw)
+    return PruneJob(**base)

@@ -60,6 +60,10 @@ class Family:
     def router_spec(self, cfg: dict) -> RouterSpec:
         return RouterSpec(top_k=self.top_k(cfg), norm_topk_prob=bool(cfg.get("norm_topk_prob", False)))
 
+    def shared_output(self, moe, x):
+        """The shared-expert term the MoE block adds to its routed output, [T, H]; None when there is none."""
+        return None
+
     def group_constraints(self, cfg: dict) -> tuple[int, int] | None:
         """(n_group, min experts per group) when routing is group-limited, else None."""
         spec = self.router_spec(cfg)

@@ -31,6 +31,13 @@ class QwenMoe(SoftmaxTopK):
         step = int(cfg.get("decoder_sparse_step", 1) or 1)
         return i not in (cfg.get("mlp_only_layers") or []) and self.num_experts(cfg) > 0 and (i + 1) % step == 0
 
+    def shared_output(self, moe, x):
+        if not hasattr(moe, "shared_expert"):  # Qwen3-MoE has none
+            return None
+        import torch
+
+        return torch.sigmoid(moe.shared_expert_gate(x)) * moe.shared_expert(x)  # Qwen2-MoE: gated shared expert
+
 
 @dataclass(frozen=True)
 class DeepSeek(Family):
@@ -40,6 +47,9 @@ class DeepSeek(Family):
         dense_first = int(cfg.get("first_k_dense_replace", 0) or 0)
         freq = int(cfg.get("moe_layer_freq", 1) or 1)  # official remote-code configs; 1 in every release
         return i >= dense_first and i % freq == 0
+
+    def shared_output(self, moe, x):
+        return moe.shared_experts(x) if getattr(moe, "shared_experts", None) is not None else None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,6 @@ need calibration records declare it, so the coordinator knows whether to run the
 
 from mop_ray.methods.base import LayerContext, Method, get_method, methods, register, select
 
-from mop_ray.methods import random as _random  # noqa: F401,E402  (registers "random")
+from mop_ray.methods import ean, frequency, random, reap  # noqa: F401,E402  (each registers itself)
 
 __all__ = ["LayerContext", "Method", "get_method", "methods", "register", "select"]

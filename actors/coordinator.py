@@ -1,0 +1,261 @@
+"""The coordinator: plan → calibrate → observe → select → write → verify, resumable through a manifest.
+
+``run_dir/manifest.json`` records the plan hash and what is done (calibration blocks, layers recorded,
+keep-map, output written). Re-running the same command with ``--resume`` skips finished phases; a stage
+whose layers are all recorded runs forward-only. A different plan (model, data, sample, seed) under
+``--resume`` is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from actors.cluster import connect, default_stages
+from actors.layer_shard import LayerShardWorker
+from actors.tasks import ray_shard_writer, select_layer_task
+from mop_ray.checkpoint.keepmap import check_r
+from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.checkpoint.writer import check_out, write_pruned
+from mop_ray.errors import MopError
+from mop_ray.methods import get_method
+from mop_ray.plan import describe, plan_stages
+from mop_ray.prune import layer_context
+
+
+@dataclass
+class PruneJob:
+    model: str
+    out: str
+    method: str = "reap"
+    keep: int | None = None
+    general: int | None = None
+    calib: str = "default"
+    tokens: int = 128 * 2048
+    seq_len: int = 2048
+    sample: int = 65536
+    seed: int = 0
+    run_dir: str | None = None
+    address: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    stages: int | None = None
+    micro_batch: int = 4
+    max_inflight: int = 4
+    max_shard_size: str = "5GB"
+    dtype: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(str(Path(self.out).absolute()) + ".run")
+
+
+class Manifest:
+    def __init__(self, path: Path, plan_hash: str, resume: bool):
+        self.path = path
+        old = json.loads(path.read_text()) if path.exists() else None
+        if resume and old is not None and old.get("plan_hash") != plan_hash:
+            raise MopError(f"--resume: {path} belongs to a different plan (model, calibration, sample or seed changed)")
+        self.data = old if (resume and old) else {"plan_hash": plan_hash, "phases": {}}
+
+    def done(self, phase: str):
+        return self.data["phases"].get(phase)
+
+    def mark(self, phase: str, value) -> None:
+        self.data["phases"][phase] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        os.replace(tmp, self.path)
+
+
+def plan_hash(job: PruneJob, ckpt: Checkpoint) -> str:
+    key = {"model": str(ckpt.path.absolute()), "config": ckpt.config, "calib": job.calib, "tokens": job.tokens,
+           "seq_len": job.seq_len, "sample": job.sample, "seed": job.seed, "dtype": job.dtype}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sample_mask(n_blocks: int, seq_len: int, sample: int, seed: int) -> np.ndarray:
+    """[n_blocks, seq_len] bool: a uniform, seeded choice of ``sample`` tokens (all when sample >= tokens)."""
+    total = n_blocks * seq_len
+    mask = np.zeros(total, dtype=bool)
+    if sample >= total:
+        mask[:] = True
+    elif sample > 0:
+        mask[np.random.default_rng(seed).choice(total, size=sample, replace=False)] = True
+    return mask.reshape(n_blocks, seq_len)
+
+
+def calibrate(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log) -> "datasets.Dataset":  # noqa: F821
+    import datasets
+    from transformers import AutoTokenizer
+
+    from mop_ray.data.calib import build_calibration
+
+    path = run / "calib.parquet"
+    if manifest.done("calibrate") and path.exists():
+        log(f"calibrate: reusing {path}")
+        return datasets.Dataset.from_parquet(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise MopError(f"{ckpt.path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    t0 = time.time()
+    calib = build_calibration(job.calib, tokenizer, tokens=job.tokens, seq_len=job.seq_len, seed=job.seed, out=path)
+    manifest.mark("calibrate", {"blocks": len(calib), "seq_len": job.seq_len, "seconds": round(time.time() - t0, 2)})
+    log(f"calibrate: {len(calib)} blocks x {job.seq_len} tokens from {job.calib!r} in {time.time() - t0:.1f}s")
+    return calib
+
+
+def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, sources: list[str], recorded: set[int], log):
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    n_stages = job.stages or default_stages(ckpt.num_layers)
+    stages = plan_stages(ckpt, n_stages, micro_batch_tokens=job.micro_batch * job.seq_len)
+    log(describe(stages, ckpt))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus >= len(stages):
+        bundle, actor_res = {"GPU": 1, "CPU": 0.1}, {"num_gpus": 1, "num_cpus": 0.1}
+    else:
+        bundle, actor_res = {"CPU": 0.1}, {"num_cpus": 0.1}
+    pg = placement_group([bundle] * len(stages), strategy="PACK")
+    if not pg.wait(timeout_seconds=600):
+        raise MopError(f"could not reserve {len(stages)} x {bundle} for the stages within 10 minutes; "
+                       f"cluster has {ray.cluster_resources()}")
+    Shard = ray.remote(max_restarts=0)(LayerShardWorker)
+    actors = []
+    moe = set(ckpt.moe_layers)
+    for st in stages:
+        record = any(i in moe and i not in recorded for i in st.layers)
+        actors.append(Shard.options(
+            **actor_res,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=st.index),
+        ).remote(str(ckpt.path), list(st.layers), str(run), sources, first_stage=st.index == 0, record=record,
+                 dtype=job.dtype))
+    return stages, actors, pg
+
+
+def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log) -> dict:
+    recorded = set(map(int, (manifest.done("observe") or {}).get("layers", {})))
+    if set(ckpt.moe_layers) <= recorded:
+        log("observe: all layers recorded, skipping")
+        return manifest.done("observe")
+    sources = sorted(set(calib["source"]))
+    src_idx = {s: i for i, s in enumerate(sources)}
+    ids = np.asarray(calib["input_ids"], dtype=np.int64)  # [n_blocks, seq_len]
+    block_sources = np.array([src_idx[s] for s in calib["source"]], dtype=np.int64)
+    mask = sample_mask(len(ids), ids.shape[1], job.sample, job.seed)
+    stages, actors, pg = start_stages(job, ckpt, run, sources, recorded, log)
+    where = ray.get([a.where.remote() for a in actors])
+    t0 = time.time()
+    inflight = []
+    import torch
+
+    bar = tqdm(total=ids.size, unit="tok", desc="observe", disable=not job.progress, unit_scale=True)
+    try:
+        for mb, start in enumerate(range(0, len(ids), job.micro_batch)):
+            end = min(start + job.micro_batch, len(ids))
+            meta = {"source": block_sources[start:end], "block": np.arange(start, end), "sample": mask[start:end]}
+            ref = torch.from_numpy(ids[start:end])
+            for actor in actors:
+                ref = actor.forward.remote(mb, ref, meta)
+            inflight.append((ref, (end - start) * ids.shape[1]))
+            while len(inflight) >= job.max_inflight:
+                ready, _ = ray.wait([r for r, _ in inflight], num_returns=1)
+                done = [x for x in inflight if x[0] in ready]
+                inflight = [x for x in inflight if x[0] not in ready]
+                ray.get([r for r, _ in done])  # surfaces stage errors now
+                bar.update(sum(n for _, n in done))
+        for ref, n in inflight:
+            ray.get(ref)
+            bar.update(n)
+        results = ray.get([a.finish.remote() for a in actors])
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        if isinstance(cause, MopError):
+            raise cause from None
+        raise
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+        ray.util.remove_placement_group(pg)
+    layers = dict((manifest.done("observe") or {}).get("layers", {}))
+    for r in results:
+        layers.update({str(k): v for k, v in r.items()})
+    seconds = time.time() - t0
+    state = {"layers": layers, "stages": [s.to_dict() for s in stages], "placement": where,
+             "tokens": int(ids.size), "seconds": round(seconds, 2), "tokens_per_s": round(ids.size / max(seconds, 1e-9), 1)}
+    manifest.mark("observe", state)
+    log(f"observe: {ids.size} tokens through {len(stages)} stage(s) in {seconds:.1f}s ({ids.size / seconds:.0f} tok/s)")
+    return state
+
+
+def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log) -> tuple[dict, dict]:
+    done = manifest.done("select") or {}
+    if done.get("method") == job.method and done.get("keep") == job.keep and set(map(int, done.get("keep_map", {}))) == set(ckpt.moe_layers):
+        log("select: reusing the keep-map in the manifest")
+        return {int(k): v for k, v in done["keep_map"].items()}, done["scores"]
+    t0 = time.time()
+    params = {**job.extra, **({"general": job.general} if job.general is not None else {})}
+    refs = [select_layer_task.options(num_cpus=0.5).remote(str(run), layer_context(ckpt, i, job.seed, params=params),
+                                                            job.method, job.keep) for i in ckpt.moe_layers]
+    keep, scores = {}, {}
+    for layer, kept, sc in tqdm(ray.get(refs), desc="select", disable=not job.progress):
+        keep[layer], scores[str(layer)] = kept, sc
+    manifest.mark("select", {"method": job.method, "keep": job.keep, "keep_map": {str(k): v for k, v in keep.items()},
+                             "scores": scores, "seconds": round(time.time() - t0, 2)})
+    log(f"select: {job.method} kept {job.keep} of {ckpt.num_experts} experts in {len(keep)} layers ({time.time() - t0:.1f}s)")
+    return keep, scores
+
+
+def run(job: PruneJob, log=print) -> dict:
+    """Prune ``job.model`` into ``job.out`` with a calibration-based method; returns a summary dict."""
+    t_start = time.time()
+    ckpt = Checkpoint(job.model)
+    method = get_method(job.method)
+    if job.keep is None:
+        raise MopError("prune: pass --keep R (experts to keep per layer)")
+    check_r(ckpt, job.keep)
+    check_out(Path(job.out).absolute(), job.overwrite)
+    run_dir = job.run_path
+    if run_dir.exists() and not job.resume and (run_dir / "manifest.json").exists():
+        shutil.rmtree(run_dir / "records", ignore_errors=True)
+        (run_dir / "manifest.json").unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(run_dir / "manifest.json", plan_hash(job, ckpt), job.resume)
+    connect(job.address)
+    timings = {}
+    if method.needs_records:
+        t = time.time()
+        calib = calibrate(job, ckpt, run_dir, manifest, log)
+        timings["calibrate_s"] = round(time.time() - t, 2)
+        t = time.time()
+        observe(job, ckpt, calib, run_dir, manifest, log)
+        timings["observe_s"] = round(time.time() - t, 2)
+    t = time.time()
+    keep, scores = select_phase(job, ckpt, run_dir, manifest, log)
+    timings["select_s"] = round(time.time() - t, 2)
+    info = {"method": job.method, "parameters": {k: v for k, v in asdict(job).items() if k not in ("progress", "address")},
+            "scores": scores, "timings": timings, "run_dir": str(run_dir)}
+    res = write_pruned(ckpt, job.out, keep, max_shard_size=job.max_shard_size, overwrite=job.overwrite, info=info,
+                       shard_writer=ray_shard_writer())
+    manifest.mark("write", {"out": str(res.out), "shards": res.shards, "bytes": res.total_bytes, "seconds": round(res.seconds, 2)})
+    out = Checkpoint(res.out)  # verify: the output parses, has r experts and every MoE router
+    if out.num_experts != job.keep or out.moe_layers != ckpt.moe_layers:
+        raise MopError(f"verify: {res.out} has {out.num_experts} experts in layers {out.moe_layers}; expected {job.keep}")
+    manifest.mark("verify", {"ok": True})
+    log(f"wrote {res.out}: {res.shards} shards, {res.total_bytes / 1e6:.1f} MB "
+        f"({100 * res.total_bytes / res.source_bytes:.1f}% of the source) in {time.time() - t_start:.1f}s")
+    return {"out": str(res.out), "run_dir": str(run_dir), "keep_map": keep, "timings": timings}

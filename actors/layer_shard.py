@@ -1,0 +1,104 @@
+"""LayerShard: a Ray actor holding consecutive decoder layers [a, b) on one GPU (or a CPU worker).
+
+It builds its layers on ``meta`` from the arch adapter, loads only their tensors with ``safe_open``, and runs
+calibration micro-batches through them. The first stage owns the token embedding and takes token ids;
+every stage returns hidden states as a CPU tensor for the next one. A forward hook on each MoE block hands
+the block's input and output to an ``MoEObserver`` (statistics over all tokens + the sampled rows).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from mop_ray.arch.layer import build_layer, hf_config, rotary_embedding
+from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.observe.observer import MoEObserver
+from mop_ray.observe.records import SampleWriter, layer_dir, write_stats
+
+
+def pick_device() -> torch.device:
+    """The GPU Ray assigned to this actor (CUDA_VISIBLE_DEVICES is set per actor), else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+class LayerShardWorker:
+    """The actor body; ``ray.remote(LayerShardWorker)`` is created by the coordinator with its resources."""
+
+    def __init__(self, model_dir: str, layers: list[int], run_dir: str, sources: list[str], *,
+                 first_stage: bool, record: bool = True, dtype: str | None = None):
+        self.device = pick_device()
+        self.ckpt = ckpt = Checkpoint(model_dir)
+        self.config = hf_config(ckpt)
+        dt = _dtype(dtype)
+        self.layer_ids = list(layers)
+        self.layers = [build_layer(ckpt, i, config=self.config, device=self.device, dtype=dt) for i in layers]
+        self.rotary = rotary_embedding(ckpt, self.config, self.device)
+        self.embed = None
+        if first_stage:
+            from safetensors import safe_open
+
+            name = "model.embed_tokens.weight"
+            with safe_open(ckpt.tensors[name].path, "pt") as f:
+                weight = f.get_tensor(name)
+            self.embed = torch.nn.Embedding.from_pretrained(weight.to(dt) if dt else weight).to(self.device)
+        self.run_dir = run_dir
+        self.sources = sources
+        self.observers: dict[int, MoEObserver] = {}
+        self._meta: dict | None = None
+        if record:
+            spec = ckpt.family.router_spec(ckpt.config)
+            for i, layer in zip(self.layer_ids, self.layers):
+                if i in ckpt.moe_layers:
+                    obs = MoEObserver(i, ckpt.family, spec, ckpt.num_experts, len(sources),
+                                      SampleWriter(layer_dir(run_dir, i), sources))
+                    self.observers[i] = obs
+                    layer.mlp.register_forward_hook(self._hook(obs))
+
+    def _hook(self, obs: MoEObserver):
+        def hook(module, args, output):
+            x = args[0]
+            h = x.shape[-1]
+            m = self._meta
+            obs.observe(module, x.reshape(-1, h), output.reshape(-1, h), m["source"], m["sample"], m["block"], m["pos"])
+        return hook
+
+    @torch.no_grad()
+    def forward(self, mb_id: int, inp: torch.Tensor, meta: dict) -> torch.Tensor:
+        """Run one micro-batch: token ids [B, L] on the first stage, hidden states [B, L, H] after; -> [B, L, H] CPU."""
+        h = self.embed(inp.to(self.device)) if self.embed is not None else inp.to(self.device)
+        bsz, seq = h.shape[:2]
+        pos = torch.arange(seq, device=self.device).unsqueeze(0).expand(bsz, -1)  # [B, L]
+        pe = self.rotary(h, pos)
+        source = torch.as_tensor(np.repeat(meta["source"], seq))  # [B*L]
+        block = torch.as_tensor(np.repeat(meta["block"], seq))
+        self._meta = {"source": source, "block": block, "pos": pos.reshape(-1).cpu(),
+                      "sample": torch.from_numpy(np.array(meta["sample"], dtype=bool)).reshape(-1)}
+        for layer in self.layers:
+            out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            h = out[0] if isinstance(out, tuple) else out
+        self._meta = None
+        return h.cpu()
+
+    def finish(self) -> dict[int, dict]:
+        """Close the sample files and write the statistics; -> {layer: {"rows", "tokens"}}."""
+        done = {}
+        for i, obs in self.observers.items():
+            rows = obs.sample_writer.rows
+            obs.sample_writer.close()
+            write_stats(layer_dir(self.run_dir, i), self.sources, obs.tokens, obs.stats)
+            done[i] = {"rows": rows, "tokens": int(obs.tokens.sum())}
+        return done
+
+    def where(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"node": ctx.get_node_id(), "pid": os.getpid(), "device": str(self.device),
+                "gpus": ray.get_gpu_ids(), "layers": self.layer_ids}

@@ -1,0 +1,36 @@
+"""Ray tasks of the select and write phases: pure functions of files, safe to retry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+
+from mop_ray.methods import LayerContext, get_method, select
+from mop_ray.observe.records import LayerRecords
+
+
+def select_layer(run_dir: str, ctx: LayerContext, method: str, r: int) -> tuple[int, list[int], list[float]]:
+    """Kept ids and scores of one MoE layer (runs as a Ray task; GPU when the cluster has one)."""
+    m = get_method(method)
+    ctx.records = LayerRecords(run_dir, ctx.layer) if m.needs_records else None
+    scores = m.score(ctx)
+    return ctx.layer, select(scores, r, ctx.groups), [float(s) for s in scores]
+
+
+def write_shard(directory: str, index: int, count: int, tensors) -> str:
+    from mop_ray.checkpoint.writer import write_one_shard
+
+    return write_one_shard(Path(directory), index, count, tensors)
+
+
+select_layer_task = ray.remote(max_retries=3)(select_layer)
+write_shard_task = ray.remote(max_retries=3)(write_shard)
+
+
+def ray_shard_writer(num_cpus: float = 0.5):
+    """A ``shard_writer`` for ``write_pruned`` that writes every output shard as its own Ray task."""
+    def write(directory: Path, plans):
+        refs = [write_shard_task.options(num_cpus=num_cpus).remote(str(directory), i, n, tensors) for i, n, tensors in plans]
+        return ray.get(refs)
+    return write

@@ -1,0 +1,151 @@
+"""The on-disk record of one MoE layer: ``run_dir/records/layer=NNN/{stats,sample}.parquet``.
+
+``stats.parquet``: one row per (source, expert): ``source`` (string), ``expert`` (int32), ``tokens`` (int64,
+tokens of that source), and the float64 sums of ``STAT_FIELDS`` (see ``mop_ray.observe.observer``).
+``sample.parquet``: one row per sampled token: ``block``, ``pos`` (int32), ``source`` (string),
+``x``, ``z`` (fixed_size_list<float32>[H]: MoE input and original output), ``logits`` (fixed_size_list<float32>[E]).
+
+Both are written to a temporary name and renamed, so a file that exists is complete; a re-run overwrites.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STAT_FIELDS = ("freq", "reap_sum", "ean_sum", "err_sum", "p_sum", "plogp_sum")
+
+
+def layer_dir(run_dir: str | Path, layer: int) -> Path:
+    return Path(run_dir) / "records" / f"layer={layer:03d}"
+
+
+def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
+    values = np.ascontiguousarray(values, dtype=np.float32)  # [N, D]
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+class SampleWriter:
+    """Streams sampled rows of one layer into ``sample.parquet`` (row group per micro-batch)."""
+
+    def __init__(self, directory: Path, sources: list[str]):
+        self.directory, self.sources = directory, sources
+        self.tmp = directory / f".sample.{os.getpid()}.parquet"
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, x, z, logits, source, block, pos) -> None:
+        table = pa.table({
+            "block": pa.array(block.astype(np.int32)), "pos": pa.array(pos.astype(np.int32)),
+            "source": pa.array([self.sources[i] for i in source], pa.string()),
+            "x": _fixed(x), "z": _fixed(z), "logits": _fixed(logits),
+        })
+        if self.writer is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.tmp, table.schema)
+        self.writer.write_table(table)
+        self.rows += len(table)
+
+    def close(self) -> Path | None:
+        if self.writer is None:
+            return None
+        self.writer.close()
+        final = self.directory / "sample.parquet"
+        os.replace(self.tmp, final)
+        return final
+
+
+def write_stats(directory: Path, sources: list[str], tokens: np.ndarray, stats: dict[str, np.ndarray]) -> Path:
+    n_sources, n_experts = stats[STAT_FIELDS[0]].shape
+    cols = {
+        "source": pa.array([s for s in sources for _ in range(n_experts)], pa.string()),
+        "expert": pa.array(np.tile(np.arange(n_experts, dtype=np.int32), n_sources)),
+        "tokens": pa.array(np.repeat(tokens.astype(np.int64), n_experts)),
+    }
+    cols.update({f: pa.array(stats[f].reshape(-1)) for f in STAT_FIELDS})
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".stats.{os.getpid()}.parquet"
+    pq.write_table(pa.table(cols), tmp)
+    final = directory / "stats.parquet"
+    os.replace(tmp, final)
+    return final
+
+
+@dataclass
+class LayerStats:
+    """Per-source statistics of one layer: ``by_source[field]`` is [S, E]; ``total(field)`` sums sources."""
+
+    layer: int
+    sources: list[str]
+    tokens: np.ndarray  # [S]
+    by_source: dict[str, np.ndarray]
+
+    def total(self, field: str) -> np.ndarray:
+        return self.by_source[field].sum(axis=0)  # [E]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.sum())
+
+    @property
+    def n_experts(self) -> int:
+        return self.by_source[STAT_FIELDS[0]].shape[1]
+
+
+def read_stats(run_dir: str | Path, layer: int) -> LayerStats:
+    table = pq.read_table(layer_dir(run_dir, layer) / "stats.parquet")
+    expert = table["expert"].to_numpy()
+    n_experts = int(expert.max()) + 1
+    src_col = table["source"].to_pylist()
+    sources = list(dict.fromkeys(src_col))
+    n_sources = len(sources)
+    tokens = table["tokens"].to_numpy().reshape(n_sources, n_experts)[:, 0]
+    by_source = {f: table[f].to_numpy().reshape(n_sources, n_experts) for f in STAT_FIELDS}
+    return LayerStats(layer, sources, tokens, by_source)
+
+
+@dataclass
+class LayerSample:
+    x: np.ndarray  # [N, H] float32 MoE inputs
+    z: np.ndarray  # [N, H] float32 original MoE outputs
+    logits: np.ndarray  # [N, E] float32 router logits
+    source: list[str]
+    block: np.ndarray  # [N] int32
+    pos: np.ndarray  # [N] int32
+
+
+def read_sample(run_dir: str | Path, layer: int) -> LayerSample:
+    table = pq.read_table(layer_dir(run_dir, layer) / "sample.parquet")
+
+    def matrix(name):
+        col = table[name].combine_chunks()
+        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+
+    return LayerSample(matrix("x"), matrix("z"), matrix("logits"), table["source"].to_pylist(),
+                       table["block"].to_numpy(), table["pos"].to_numpy())
+
+
+class LayerRecords:
+    """Lazy access to one layer's records for a method: ``.stats`` and ``.sample`` load on first use."""
+
+    def __init__(self, run_dir: str | Path, layer: int):
+        self.run_dir, self.layer = Path(run_dir), layer
+        self._stats: LayerStats | None = None
+        self._sample: LayerSample | None = None
+
+    @property
+    def stats(self) -> LayerStats:
+        if self._stats is None:
+            self._stats = read_stats(self.run_dir, self.layer)
+        return self._stats
+
+    @property
+    def sample(self) -> LayerSample:
+        if self._sample is None:
+            self._sample = read_sample(self.run_dir, self.layer)
+        return self._sample

@@ -1,0 +1,83 @@
+"""Stage plan: consecutive decoder layers split into S pipeline stages balanced by bytes.
+
+MoE layers weigh far more than dense ones (DeepSeek-V3's three dense layers are ~1/20 of an MoE layer), so
+stages are balanced by the bytes of their tensors, not by layer count: the split minimises the largest
+stage (exact, by binary search over the bottleneck with a greedy feasibility check). The first stage also
+holds the token embedding. The memory estimate adds the all-experts working set of one micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.errors import MopError
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    layers: tuple[int, ...]
+    weight_bytes: int
+    activation_bytes: int
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "layers": list(self.layers), "memory_bytes": self.memory_bytes}
+
+
+def _split(costs: list[int], n_stages: int) -> list[list[int]]:
+    """Indices of ``costs`` cut into n_stages consecutive non-empty runs minimising the largest run sum."""
+    def cuts(limit: int) -> list[list[int]] | None:
+        runs, cur, total = [], [], 0
+        for i, c in enumerate(costs):
+            if cur and total + c > limit:
+                runs.append(cur)
+                cur, total = [], 0
+            cur.append(i)
+            total += c
+        runs.append(cur)
+        return runs if len(runs) <= n_stages else None
+
+    lo, hi = max(costs), sum(costs)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cuts(mid) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    runs = cuts(lo)
+    while len(runs) < n_stages:  # split the longest run so every stage has work
+        j = max(range(len(runs)), key=lambda k: len(runs[k]))
+        half = len(runs[j]) // 2
+        runs[j:j + 1] = [runs[j][:half], runs[j][half:]]
+    return runs
+
+
+def plan_stages(ckpt: Checkpoint, n_stages: int, *, micro_batch_tokens: int = 8192, act_bytes: int = 4) -> list[Stage]:
+    layers = list(range(ckpt.num_layers))
+    if not 1 <= n_stages <= len(layers):
+        raise MopError(f"--stages {n_stages}: expected between 1 and the model's {len(layers)} decoder layers")
+    embed = sum(t.nbytes for n, t in ckpt.tensors.items() if "embed_tokens" in n and ckpt.layer_of(n) is None)
+    costs = [ckpt.layer_bytes.get(i, 0) for i in layers]
+    costs[0] += embed
+    hidden = int(ckpt.config.get("hidden_size", 0))
+    # per micro-batch: hidden states in/out + one expert's output at a time + [T, E] routing tensors
+    activation = micro_batch_tokens * (4 * hidden + 8 * ckpt.num_experts) * act_bytes
+    stages = []
+    for s, run in enumerate(_split(costs, n_stages)):
+        stages.append(Stage(s, tuple(layers[i] for i in run), sum(costs[i] for i in run), activation))
+    return stages
+
+
+def describe(stages: list[Stage], ckpt: Checkpoint) -> str:
+    lines = [f"{len(stages)} stage(s) for {ckpt.family.name} ({ckpt.num_layers} layers, {ckpt.total_bytes / 1e9:.2f} GB):"]
+    moe = set(ckpt.moe_layers)
+    for st in stages:
+        n_moe = sum(1 for i in st.layers if i in moe)
+        lines.append(f"  stage {st.index}: layers {st.layers[0]}-{st.layers[-1]} ({n_moe} MoE, {len(st.layers) - n_moe} dense)"
+                     f"  weights {st.weight_bytes / 1e9:.3f} GB  est. memory {st.memory_bytes / 1e9:.3f} GB")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""The Ray calibration pipeline on every family: recorded outputs and statistics against straightforward references."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from actors.coordinator import run, sample_mask
+from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.observe.records import STAT_FIELDS, read_sample, read_stats
+
+from conftest import small_job
+
+
+def reference(model_dir, run_dir):
+    """Per-token loop over the unsplit transformers model on the recorded calibration blocks.
+
+    Returns {layer: (Z [B, L, H], stats {field: [E]})} using the model's own router module for routing.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(pq.read_table(run_dir / "calib.parquet")["input_ids"].to_pylist())
+    caught = {}
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: caught.__setitem__(i, (a[0], o)))
+             for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for i, (x, z) in caught.items():
+        moe = model.model.layers[i].mlp
+        n = moe.experts.gate_up_proj.shape[0]
+        stats = {f: np.zeros(n) for f in ("freq", "reap_sum", "ean_sum")}
+        flat = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            _, weights, index = moe.gate(flat)
+            for t in range(flat.shape[0]):
+                w = weights[t].double() / weights[t].double().sum()
+                for j, e in enumerate(index[t].tolist()):
+                    gate, up = (moe.experts.gate_up_proj[e] @ flat[t]).chunk(2)
+                    f = moe.experts.down_proj[e] @ (moe.experts.act_fn(gate) * up)
+                    stats["freq"][e] += 1
+                    stats["ean_sum"][e] += f.norm().item()
+                    stats["reap_sum"][e] += w[j].item() * f.norm().item()
+        out[i] = (z, stats)
+    return out
+
+
+def test_records_match_the_unsplit_model(tiny_models, family, tmp_path, ray_local):
+    out = tmp_path / "out"
+    res = run(small_job(tiny_models[family], out, stages=2), log=lambda *_: None)
+    run_dir = tmp_path / "out.run"
+    assert res["run_dir"] == str(run_dir)
+    ref = reference(tiny_models[family], run_dir)
+    assert sorted(ref) == Checkpoint(tiny_models[family]).moe_layers
+    for layer, (z_ref, stats_ref) in ref.items():
+        sample = read_sample(run_dir, layer)
+        assert len(sample.block) == z_ref.shape[0] * z_ref.shape[1]  # all 256 tokens sampled
+        z = z_ref[torch.as_tensor(sample.block, dtype=torch.long), torch.as_tensor(sample.pos, dtype=torch.long)]
+        np.testing.assert_allclose(sample.z, z.numpy(), atol=1e-5, rtol=0)
+        stats = read_stats(run_dir, layer)
+        assert stats.n_tokens == 256 and sorted(stats.sources) == sorted(set(sample.source))
+        np.testing.assert_array_equal(stats.total("freq"), stats_ref["freq"])
+        np.testing.assert_allclose(stats.total("ean_sum"), stats_ref["ean_sum"], rtol=1e-5)
+        np.testing.assert_allclose(stats.total("reap_sum"), stats_ref["reap_sum"], rtol=1e-5)
+        assert stats.total("p_sum").sum() == pytest.approx(256)  # full softmax sums to 1 per token
+    kept = json.loads((out / "pruning.json").read_text())["keep_map"]
+    for layer, (_, stats_ref) in ref.items():  # REAP keeps the 4 highest saliencies
+        freq = np.maximum(stats_ref["freq"], 1)
+        saliency = np.where(stats_ref["freq"] > 0, stats_ref["reap_sum"] / freq, 0)
+        groups = 2 if family.startswith("deepseek") else 1
+        size = 8 // groups
+        expect = sorted(int(g * size + i) for g in range(groups)
+                        for i in np.argsort(-saliency[g * size:(g + 1) * size], kind="stable")[: 4 // groups])
+        assert kept[str(layer)] == expect
+
+
+def test_one_and_three_stages_record_the_same(tiny_models, tmp_path, ray_local):
+    model = tiny_models["deepseek_v3"]
+    a = run(small_job(model, tmp_path / "a", stages=1, sample=100), log=lambda *_: None)
+    b = run(small_job(model, tmp_path / "b", stages=3, sample=100), log=lambda *_: None)
+    assert a["keep_map"] == b["keep_map"]
+    for layer in Checkpoint(model).moe_layers:
+        sa, sb = read_stats(tmp_path / "a.run", layer), read_stats(tmp_path / "b.run", layer)
+        for f in STAT_FIELDS:
+            np.testing.assert_allclose(sa.by_source[f], sb.by_source[f], rtol=1e-9, atol=1e-12)
+        xa, xb = read_sample(tmp_path / "a.run", layer), read_sample(tmp_path / "b.run", layer)
+        assert len(xa.block) == 100
+        np.testing.assert_array_equal(xa.block, xb.block)
+        np.testing.assert_allclose(xa.x, xb.x, atol=1e-6)
+        np.testing.assert_allclose(xa.logits, xb.logits, atol=1e-6)
+    placement = json.loads((tmp_path / "b.run" / "manifest.json").read_text())["phases"]["observe"]["placement"]
+    assert [p["layers"] for p in placement] == [[0], [1], [2]]
+
+
+def test_sample_mask_is_uniform_and_reproducible():
+    a, b = sample_mask(10, 64, 100, seed=3), sample_mask(10, 64, 100, seed=3)
+    assert a.sum() == 100 and np.array_equal(a, b) and not np.array_equal(a, sample_mask(10, 64, 100, seed=4))
+    assert sample_mask(2, 8, 1000, 0).all()
+
+
+def test_resume_skips_recorded_layers_and_refuses_another_plan(tiny_models, tmp_path, ray_local):
+    model = tiny_models["qwen2_moe"]
+    run(small_job(model, tmp_path / "o", stages=2), log=lambda *_: None)
+    run_dir = tmp_path / "o.run"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    stats0 = (run_dir / "records" / "layer=000" / "stats.parquet").stat().st_mtime_ns
+    stats2 = (run_dir / "records" / "layer=002" / "stats.parquet").stat().st_mtime_ns
+    del manifest["phases"]["observe"]["layers"]["2"]  # as if the run died before layer 2 was recorded
+    del manifest["phases"]["select"]
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    logs = []
+    res = run(small_job(model, tmp_path / "o", stages=2, resume=True), log=logs.append)
+    assert any("calibrate: reusing" in line for line in logs)
+    assert (run_dir / "records" / "layer=000" / "stats.parquet").stat().st_mtime_ns == stats0
+    assert (run_dir / "records" / "layer=002" / "stats.parquet").stat().st_mtime_ns != stats2
+    assert sorted(res["keep_map"]) == [0, 2]
+    logs.clear()
+    run(small_job(model, tmp_path / "o", stages=2, resume=True), log=logs.append)
+    assert any("all layers recorded" in line for line in logs) and any("reusing the keep-map" in line for line in logs)
+    from mop_ray.errors import MopError
+
+    with pytest.raises(MopError, match="different plan"):
+        run(small_job(model, tmp_path / "o", stages=2, resume=True, seed=9), log=lambda *_: None)
+
+
+def test_prune_reap_end_to_end_from_the_command_line(tiny_models, tmp_path, ray_local):
+    from transformers import AutoModelForCausalLM
+
+    from mop_ray.cli import main
+
+    out = tmp_path / "pruned"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"model: {tiny_models['mixtral']}\nmethod: reap\ntokens: 256\nseq-len: 32\nmicro_batch: 2\n")
+    assert main(["prune", "--config", str(cfg), "--out", str(out), "--keep", "6"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.num_local_experts == 6
+    assert model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] >= 4
+    pruning = json.loads((out / "pruning.json").read_text())
+    assert pruning["method"] == "reap" and pruning["parameters"]["tokens"] == 256
+    assert set(pruning["timings"]) >= {"calibrate_s", "observe_s", "select_s", "write_s"}
+
+
+def test_config_rejects_unknown_keys(tiny_models, tmp_path, capsys):
+    from mop_ray.cli import main
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("model: x\nkeeep: 4\n")
+    assert main(["prune", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown key 'keeep'" in capsys.readouterr().err
