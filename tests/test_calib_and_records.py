@@ -1,0 +1,121 @@
+"""Calibration specs with `datasets`, the Parquet record schema, and the stage plan."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.data.calib import DOMAINS, block_counts, build_calibration, parse_spec
+from mop_ray.errors import MopError
+from mop_ray.observe.records import STAT_FIELDS, SampleWriter, read_sample, read_stats, write_stats
+from mop_ray.plan import _split, plan_stages
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_models):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_models["mixtral"])
+
+
+def test_default_mixture_packs_every_domain(tokenizer, tmp_path):
+    out = tmp_path / "calib.parquet"
+    ds = build_calibration("default", tokenizer, tokens=12 * 64, seq_len=64, seed=0, out=out)
+    assert len(ds) == 12 and {len(r) for r in ds["input_ids"]} == {64}
+    assert sorted(set(ds["source"])) == sorted(DOMAINS)
+    table = pq.read_table(out)
+    assert table.column_names == ["input_ids", "source"] and table.num_rows == 12
+    again = build_calibration("default", tokenizer, tokens=12 * 64, seq_len=64, seed=0)
+    assert again["input_ids"] == ds["input_ids"]  # reproducible from the seed
+
+
+def test_files_folders_and_mixture_yaml(tokenizer, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "poems.txt").write_text("\n".join(f"line {i} of a poem about the sea" for i in range(400)))
+    with gzip.open(data / "code.jsonl.gz", "wt") as f:
+        for i in range(200):
+            f.write(json.dumps({"body": f"def f{i}(x):\n    return x * {i}\n"}) + "\n")
+    assert [s.name for s in parse_spec(str(data))] == ["code", "poems"]
+    ds = build_calibration(str(data / "poems.txt"), tokenizer, tokens=4 * 32, seq_len=32)
+    assert set(ds["source"]) == {"poems"}
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("sources:\n  - {path: data/poems.txt, weight: 3}\n"
+                   "  - {name: code, path: data/code.jsonl.gz, text_field: body, weight: 1}\n"
+                   "  - {default: math, weight: 2}\n")
+    ds = build_calibration(str(mix), tokenizer, tokens=12 * 32, seq_len=32)
+    counts = {s: ds["source"].count(s) for s in set(ds["source"])}
+    assert counts == {"poems": 6, "code": 2, "math": 4}
+
+
+def test_block_counts_follow_weights():
+    from mop_ray.data.calib import Source
+
+    srcs = [Source("a", "file", "a", 1), Source("b", "file", "b", 1), Source("c", "file", "c", 2)]
+    assert block_counts(srcs, 8) == [2, 2, 4] and sum(block_counts(srcs, 7)) == 7
+
+
+@pytest.mark.parametrize("spec,expect", [
+    ("allenai/c4", "offline"),
+    ("./missing.jsonl", "no such file"),
+])
+def test_bad_calibration_specs(tokenizer, spec, expect):
+    with pytest.raises(MopError, match=expect):
+        build_calibration(spec, tokenizer, tokens=256, seq_len=32)
+
+
+def test_bad_mixture_yaml(tokenizer, tmp_path):
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("sources:\n  - {default: math, wieght: 2}\n")
+    with pytest.raises(MopError, match="unknown keys"):
+        parse_spec(str(mix))
+    mix.write_text("sources:\n  - {default: poetry}\n")
+    with pytest.raises(MopError, match="unknown domain"):
+        parse_spec(str(mix))
+    with pytest.raises(MopError, match="blocks of"):
+        build_calibration("default", tokenizer, tokens=4 * 32, seq_len=32)  # fewer blocks than sources
+
+
+def test_records_round_trip_through_parquet(tmp_path):
+    rng = np.random.default_rng(0)
+    sources = ["code", "math"]
+    stats = {f: rng.random((2, 8)) for f in STAT_FIELDS}
+    layer = tmp_path / "records" / "layer=007"
+    write_stats(layer, sources, np.array([10, 20]), stats)
+    back = read_stats(tmp_path, 7)
+    assert back.sources == sources and back.tokens.tolist() == [10, 20] and back.n_experts == 8
+    for f in STAT_FIELDS:
+        np.testing.assert_array_equal(back.by_source[f], stats[f])
+    writer = SampleWriter(layer, sources)
+    x, z, lg = rng.random((5, 16)).astype(np.float32), rng.random((5, 16)).astype(np.float32), rng.random((5, 8)).astype(np.float32)
+    for part in (slice(0, 2), slice(2, 5)):
+        writer.write(x[part], z[part], lg[part], np.array([0, 1, 1, 0, 1])[part], np.arange(5)[part], np.arange(5)[part] * 3)
+    writer.close()
+    s = read_sample(tmp_path, 7)
+    np.testing.assert_array_equal(s.x, x)
+    np.testing.assert_array_equal(s.z, z)
+    np.testing.assert_array_equal(s.logits, lg)
+    assert s.source == ["code", "math", "math", "code", "math"] and s.pos.tolist() == [0, 3, 6, 9, 12]
+
+
+def test_stage_plan_balances_bytes(tiny_models):
+    assert _split([1, 10, 10, 10, 10, 1, 1], 3) == [[0, 1], [2, 3], [4, 5, 6]]
+    ckpt = Checkpoint(tiny_models["qwen2_moe"])  # layer 1 is dense and small
+    stages = plan_stages(ckpt, 2)
+    assert [s.layers for s in stages] in ([(0,), (1, 2)], [(0, 1), (2,)])
+    assert sum(s.weight_bytes for s in stages) == sum(ckpt.layer_bytes.values()) + ckpt.tensors["model.embed_tokens.weight"].nbytes
+    with pytest.raises(MopError, match="between 1 and"):
+        plan_stages(ckpt, 4)
+
+
+def test_plan_command(tiny_models, capsys):
+    from mop_ray.cli import main
+
+    assert main(["plan", "--model", str(tiny_models["deepseek_v3"]), "--stages", "2", "--json"]) == 0
+    stages = json.loads(capsys.readouterr().out)
+    assert [s["layers"] for s in stages] == [[0, 1], [2]] and all(s["memory_bytes"] > s["weight_bytes"] for s in stages)

@@ -1,0 +1,44 @@
+"""Three simulated nodes with one fake GPU each: stages land on different nodes and give the single-node result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from actors.coordinator import run
+from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.observe.records import STAT_FIELDS, read_stats
+
+from conftest import small_job
+
+
+def test_three_nodes_with_fake_gpus_match_a_single_process(tiny_models, tmp_path, ray_local):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    model = tiny_models["qwen3_moe"]
+    single = run(small_job(model, tmp_path / "single", stages=1), log=lambda *_: None)
+    ray.shutdown()
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.wait_for_nodes()
+        multi = run(small_job(model, tmp_path / "multi", stages=3, address=cluster.address), log=lambda *_: None)
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    placement = json.loads((tmp_path / "multi.run" / "manifest.json").read_text())["phases"]["observe"]["placement"]
+    assert len(nodes) == 3
+    assert len({p["node"] for p in placement}) == 3  # one stage per node
+    assert all(len(p["gpus"]) == 1 and p["device"] == "cpu" for p in placement)  # fake GPU assigned, CPU compute
+    assert multi["keep_map"] == single["keep_map"]
+    for layer in Checkpoint(model).moe_layers:
+        a, b = read_stats(tmp_path / "single.run", layer), read_stats(tmp_path / "multi.run", layer)
+        for f in STAT_FIELDS:
+            np.testing.assert_allclose(a.by_source[f], b.by_source[f], rtol=1e-9, atol=1e-12)
+    assert (tmp_path / "multi" / "config.json").exists()
