@@ -119,3 +119,17 @@ def test_plan_command(tiny_models, capsys):
     assert main(["plan", "--model", str(tiny_models["deepseek_v3"]), "--stages", "2", "--json"]) == 0
     stages = json.loads(capsys.readouterr().out)
     assert [s["layers"] for s in stages] == [[0, 1], [2]] and all(s["memory_bytes"] > s["weight_bytes"] for s in stages)
+
+
+def test_shipped_configs_use_known_keys(tmp_path):
+    import argparse
+    from pathlib import Path
+
+    from mop_ray.cli import PRUNE_DEFAULTS, apply_config
+
+    configs = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+    assert configs
+    for cfg in configs:
+        args = argparse.Namespace(config=str(cfg), model="m", out="o", **{k: None for k in PRUNE_DEFAULTS})
+        args = apply_config(args)
+        assert args.keep and args.method == "reap", cfg.name
