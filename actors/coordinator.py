@@ -157,13 +157,13 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
     block_sources = np.array([src_idx[s] for s in calib["source"]], dtype=np.int64)
     mask = sample_mask(len(ids), ids.shape[1], job.sample, job.seed)
     stages, actors, pg = start_stages(job, ckpt, run, sources, recorded, log)
-    where = ray.get([a.where.remote() for a in actors])
     t0 = time.time()
     inflight = []
     import torch
 
     bar = tqdm(total=ids.size, unit="tok", desc="observe", disable=not job.progress, unit_scale=True)
     try:
+        where = ray.get([a.where.remote() for a in actors])
         for mb, start in enumerate(range(0, len(ids), job.micro_batch)):
             end = min(start + job.micro_batch, len(ids))
             meta = {"source": block_sources[start:end], "block": np.arange(start, end), "sample": mask[start:end]}
@@ -185,6 +185,11 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
         cause = e.cause if getattr(e, "cause", None) is not None else e
         if isinstance(cause, MopError):
             raise cause from None
+        raise
+    except ray.exceptions.ActorDiedError as e:  # a stage failed in __init__ (e.g. a layer it cannot load)
+        last = str(e).strip().splitlines()[-1]
+        if last.startswith("mop_ray.errors.MopError: "):
+            raise MopError(last.split(": ", 1)[1]) from None
         raise
     finally:
         bar.close()

@@ -96,10 +96,26 @@ class Checkpoint:
                 f"{sorted(found)} (expected on-disk names like {fam.router_weight_name(min(expected or {0}))!r})"
             )
         n = self.num_experts
+        experts: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
+        for name in self.tensors:
+            if m := fam.expert_re.match(name):
+                experts[int(m.group(1))][int(m.group(2))].add(m.group(3))
         for i in sorted(found):
             rows = self.tensors[fam.router_weight_name(i)].shape[0]
             if rows != n:
                 raise MopError(f"{self.path}: layer {i} router has {rows} rows but config.json says {n} experts")
+            if i in experts:  # per-expert layout: every expert has the same tensors (weights, fp8 scales)
+                per = experts[i]
+                ref = per.get(0, set())
+                if not ref:
+                    raise MopError(f"{self.path}: layer {i} has no tensors for expert 0")
+                bad = [e for e in range(n) if per.get(e, set()) != ref]
+                if bad:
+                    e = bad[0]
+                    raise MopError(f"{self.path}: layer {i} expert {e} has tensors {sorted(per.get(e, set()))}, "
+                                   f"expected {sorted(ref)} like expert 0")
+            elif not any(fam.fused_expert_re.match(nm) for nm in self.layer_tensors(i)):
+                raise MopError(f"{self.path}: layer {i} has a router but no expert tensors")
 
     # --- facts --------------------------------------------------------------------------------------------
     @property
