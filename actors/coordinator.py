@@ -207,22 +207,25 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
     return state
 
 
-def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log) -> tuple[dict, dict]:
+def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log) -> tuple[dict, dict, dict]:
     done = manifest.done("select") or {}
     if done.get("method") == job.method and done.get("keep") == job.keep and set(map(int, done.get("keep_map", {}))) == set(ckpt.moe_layers):
         log("select: reusing the keep-map in the manifest")
-        return {int(k): v for k, v in done["keep_map"].items()}, done["scores"]
+        return {int(k): v for k, v in done["keep_map"].items()}, done["scores"], done.get("details", {})
     t0 = time.time()
     params = {**job.extra, **({"general": job.general} if job.general is not None else {})}
-    refs = [select_layer_task.options(num_cpus=0.5).remote(str(run), layer_context(ckpt, i, job.seed, params=params),
-                                                            job.method, job.keep) for i in ckpt.moe_layers]
-    keep, scores = {}, {}
-    for layer, kept, sc in tqdm(ray.get(refs), desc="select", disable=not job.progress):
-        keep[layer], scores[str(layer)] = kept, sc
+    method = get_method(job.method)
+    gpu = method.needs_weights and int(ray.cluster_resources().get("GPU", 0)) > 0
+    opts = {"num_cpus": 0.5, "num_gpus": 1 if gpu else 0}
+    refs = [select_layer_task.options(**opts).remote(str(run), layer_context(ckpt, i, job.seed, params=params),
+                                                     job.method, job.keep) for i in ckpt.moe_layers]
+    keep, scores, details = {}, {}, {}
+    for layer, kept, sc, det in tqdm(ray.get(refs), desc="select", disable=not job.progress):
+        keep[layer], scores[str(layer)], details[str(layer)] = kept, sc, det
     manifest.mark("select", {"method": job.method, "keep": job.keep, "keep_map": {str(k): v for k, v in keep.items()},
-                             "scores": scores, "seconds": round(time.time() - t0, 2)})
+                             "scores": scores, "details": details, "seconds": round(time.time() - t0, 2)})
     log(f"select: {job.method} kept {job.keep} of {ckpt.num_experts} experts in {len(keep)} layers ({time.time() - t0:.1f}s)")
-    return keep, scores
+    return keep, scores, details
 
 
 def run(job: PruneJob, log=print) -> dict:
@@ -250,10 +253,10 @@ def run(job: PruneJob, log=print) -> dict:
         observe(job, ckpt, calib, run_dir, manifest, log)
         timings["observe_s"] = round(time.time() - t, 2)
     t = time.time()
-    keep, scores = select_phase(job, ckpt, run_dir, manifest, log)
+    keep, scores, details = select_phase(job, ckpt, run_dir, manifest, log)
     timings["select_s"] = round(time.time() - t, 2)
     info = {"method": job.method, "parameters": {k: v for k, v in asdict(job).items() if k not in ("progress", "address")},
-            "scores": scores, "timings": timings, "run_dir": str(run_dir)}
+            "scores": scores, "details": details, "timings": timings, "run_dir": str(run_dir)}
     res = write_pruned(ckpt, job.out, keep, max_shard_size=job.max_shard_size, overwrite=job.overwrite, info=info,
                        shard_writer=ray_shard_writer())
     manifest.mark("write", {"out": str(res.out), "shards": res.shards, "bytes": res.total_bytes, "seconds": round(res.seconds, 2)})

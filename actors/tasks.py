@@ -6,16 +6,19 @@ from pathlib import Path
 
 import ray
 
-from mop_ray.methods import LayerContext, get_method, select
+from mop_ray.methods import LayerContext, choose, get_method
 from mop_ray.observe.records import LayerRecords
 
 
-def select_layer(run_dir: str, ctx: LayerContext, method: str, r: int) -> tuple[int, list[int], list[float]]:
-    """Kept ids and scores of one MoE layer (runs as a Ray task; GPU when the cluster has one)."""
+def select_layer(run_dir: str, ctx: LayerContext, method: str, r: int) -> tuple[int, list[int], list[float], dict]:
+    """Kept ids, scores and method details of one MoE layer (a Ray task; GPU when the method uses weights)."""
+    import torch
+
     m = get_method(method)
     ctx.records = LayerRecords(run_dir, ctx.layer) if m.needs_records else None
-    scores = m.score(ctx)
-    return ctx.layer, select(scores, r, ctx.groups), [float(s) for s in scores]
+    ctx.device = "cuda" if torch.cuda.is_available() else "cpu"
+    kept, c = choose(m, ctx, r)
+    return ctx.layer, kept, [float(s) for s in c.scores], c.details
 
 
 def write_shard(directory: str, index: int, count: int, tensors) -> str:

@@ -13,12 +13,13 @@ from mop_ray.checkpoint.keepmap import check_r
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.checkpoint.writer import WriteResult, write_pruned
 from mop_ray.errors import MopError
-from mop_ray.methods import LayerContext, get_method, select
+from mop_ray.methods import LayerContext, choose, get_method
 
 
 def layer_context(ckpt: Checkpoint, layer: int, seed: int, records=None, params=None) -> LayerContext:
     groups = ckpt.family.group_constraints(ckpt.config)
-    return LayerContext(layer, ckpt.num_experts, ckpt.top_k, groups[0] if groups else 1, seed, records, params or {})
+    return LayerContext(layer, ckpt.num_experts, ckpt.top_k, groups[0] if groups else 1, seed, records, params or {},
+                        model_dir=str(ckpt.path))
 
 
 def keep_map_from_method(ckpt: Checkpoint, method: str, r: int, seed: int = 0) -> tuple[dict[int, list[int]], dict]:
@@ -29,10 +30,9 @@ def keep_map_from_method(ckpt: Checkpoint, method: str, r: int, seed: int = 0) -
     check_r(ckpt, r)
     keep, scores = {}, {}
     for layer in ckpt.moe_layers:
-        ctx = layer_context(ckpt, layer, seed)
-        s = m.score(ctx)
-        keep[layer] = select(s, r, ctx.groups)
-        scores[str(layer)] = [round(float(x), 6) for x in s]
+        kept, c = choose(m, layer_context(ckpt, layer, seed), r)
+        keep[layer] = kept
+        scores[str(layer)] = [round(float(x), 6) for x in c.scores]
     return keep, scores
 
 

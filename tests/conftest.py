@@ -52,3 +52,42 @@ def small_job(model, out, **kw):
                 micro_batch=2, stages=1, overwrite=True, progress=False)
     base.update(kw)
     return PruneJob(**base)
+
+
+_RECORDS: dict = {}
+
+
+def record_layers(model_dir, run_dir, tokens=8 * 32, seq_len=32, sample=10_000):
+    """Calibration records of every MoE layer, made in-process by the stage actor's class (no Ray)."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from actors.coordinator import sample_mask
+    from actors.layer_shard import LayerShardWorker
+    from mop_ray.checkpoint.reader import Checkpoint
+    from mop_ray.data.calib import build_calibration
+
+    ckpt = Checkpoint(model_dir)
+    calib = build_calibration("default", AutoTokenizer.from_pretrained(model_dir), tokens=tokens, seq_len=seq_len,
+                              seed=0, out=f"{run_dir}/calib.parquet")
+    sources = sorted(set(calib["source"]))
+    ids = np.asarray(calib["input_ids"], dtype=np.int64)
+    src = np.array([sources.index(s) for s in calib["source"]])
+    mask = sample_mask(len(ids), seq_len, sample, 0)
+    worker = LayerShardWorker(str(model_dir), list(range(ckpt.num_layers)), str(run_dir), sources, first_stage=True)
+    for start in range(0, len(ids), 2):
+        sl = slice(start, start + 2)
+        worker.forward(start, torch.from_numpy(ids[sl]), {"source": src[sl], "block": np.arange(len(ids))[sl], "sample": mask[sl]})
+    worker.finish()
+    return run_dir
+
+
+@pytest.fixture
+def records(tiny_models, tmp_path_factory):
+    """{family: run_dir} with records of every MoE layer (built once per family per session)."""
+    def get(family):
+        if family not in _RECORDS:
+            _RECORDS[family] = record_layers(tiny_models[family], tmp_path_factory.mktemp(f"rec-{family}"))
+        return _RECORDS[family]
+    return get

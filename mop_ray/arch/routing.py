@@ -77,6 +77,8 @@ def route(
 
     idx = choice.topk(spec.top_k, dim=-1, sorted=False).indices  # [T, k]
     weights = scores.gather(1, idx)  # [T, k]
+    if keep is not None:  # fewer kept experts than k: the extra slots hold dropped experts with weight 0
+        weights = weights * keep[idx]
     if spec.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if spec.scoring == "sigmoid" else 0.0))
     return idx, weights * spec.routed_scaling_factor

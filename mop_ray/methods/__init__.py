@@ -5,8 +5,8 @@ scores into kept ids, honouring DeepSeek routing groups (the same count from eve
 need calibration records declare it, so the coordinator knows whether to run the observe phase.
 """
 
-from mop_ray.methods.base import LayerContext, Method, get_method, methods, register, select
+from mop_ray.methods.base import Choice, LayerContext, Method, choose, get_method, methods, register, select
 
-from mop_ray.methods import ean, frequency, random, reap  # noqa: F401,E402  (each registers itself)
+from mop_ray.methods import ean, enu, frequency, random, reap  # noqa: F401,E402  (each registers itself)
 
-__all__ = ["LayerContext", "Method", "get_method", "methods", "register", "select"]
+__all__ = ["Choice", "LayerContext", "Method", "choose", "get_method", "methods", "register", "select"]

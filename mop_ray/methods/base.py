@@ -1,4 +1,4 @@
-"""The method registry and the shared score → kept-ids rule."""
+"""The method registry, the per-layer context a method sees, and the shared score → kept-ids rule."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from mop_ray.errors import MopError
 
 @dataclass
 class LayerContext:
-    """What a method sees of one MoE layer. ``records`` is filled by the observe phase for methods that need it."""
+    """What a method sees of one MoE layer.
+
+    ``records`` (``mop_ray.observe.records.LayerRecords``) is set for methods that need calibration records;
+    ``model_dir`` lets methods that recompute experts load this layer's weights (``moe_block``).
+    """
 
     layer: int
     num_experts: int
@@ -21,24 +25,46 @@ class LayerContext:
     seed: int = 0
     records: object | None = None
     params: dict = field(default_factory=dict)
+    model_dir: str | None = None
+    device: str = "cpu"
+
+    def moe_block(self):
+        """This layer's MoE block (router, experts, shared experts) loaded from the checkpoint, eval mode."""
+        from mop_ray.arch.layer import build_layer
+        from mop_ray.checkpoint.reader import Checkpoint
+
+        ckpt = Checkpoint(self.model_dir)
+        return build_layer(ckpt, self.layer, device=self.device).mlp, ckpt
+
+
+@dataclass
+class Choice:
+    """A method's answer for one layer: per-expert scores (higher = keep) and, for set-based methods, the set."""
+
+    scores: np.ndarray  # [n]
+    kept: list[int] | None = None  # when None, the r best scores are kept (per routing group)
+    details: dict = field(default_factory=dict)  # intermediates for pruning.json and the report
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    score: Callable[[LayerContext], np.ndarray]  # -> [num_experts] float64, higher = more worth keeping
+    choose: Callable[[LayerContext, int], Choice]  # (ctx, r) -> Choice
     needs_records: bool
+    needs_weights: bool
     summary: str
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, needs_records: bool, summary: str):
+def register(name: str, *, needs_records: bool, summary: str, needs_weights: bool = False, set_based: bool = False):
+    """Register a method. Score methods are ``fn(ctx) -> scores [n]``; set-based ones ``fn(ctx, r) -> Choice``."""
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, fn, needs_records, summary)
+        choose = fn if set_based else (lambda ctx, r, fn=fn: Choice(np.asarray(fn(ctx), dtype=np.float64)))
+        _REGISTRY[name] = Method(name, choose, needs_records, needs_weights, summary)
         return fn
 
     return wrap
@@ -54,16 +80,36 @@ def get_method(name: str) -> Method:
     return _REGISTRY[name]
 
 
-def select(scores: np.ndarray, r: int, groups: int = 1) -> list[int]:
-    """Ids of the r highest scores (ties to the lower id), r/groups from each contiguous routing group."""
+def select(scores: np.ndarray, r: int, groups: int = 1, among: list[int] | None = None) -> list[int]:
+    """Ids of the r highest scores (ties to the lower id), r/groups from each contiguous routing group.
+
+    ``among`` restricts the choice to those ids (each group must still hold r/groups of them).
+    """
     scores = np.asarray(scores, dtype=np.float64)
     n = scores.shape[0]
     if r % groups or n % groups:
         raise MopError(f"cannot keep {r} of {n} experts evenly across {groups} routing groups")
     size, per = n // groups, r // groups
+    allowed = np.ones(n, dtype=bool) if among is None else np.isin(np.arange(n), among)
     kept: list[int] = []
     for g in range(groups):
-        block = scores[g * size:(g + 1) * size]
-        order = np.lexsort((np.arange(size), -block))  # by score desc, then id asc
-        kept.extend(int(g * size + i) for i in order[:per])
+        ids = [i for i in range(g * size, (g + 1) * size) if allowed[i]]
+        if len(ids) < per:
+            raise MopError(f"routing group {g} has {len(ids)} candidate experts; {per} needed")
+        ids.sort(key=lambda i: (-scores[i], i))
+        kept.extend(ids[:per])
     return sorted(kept)
+
+
+def choose(method: Method, ctx: LayerContext, r: int) -> tuple[list[int], Choice]:
+    """Run a method on one layer and return (kept ids, its Choice), checking the set it returns."""
+    c = method.choose(ctx, r)
+    kept = sorted(c.kept) if c.kept is not None else select(c.scores, r, ctx.groups)
+    if len(kept) != r or len(set(kept)) != r or not all(0 <= e < ctx.num_experts for e in kept):
+        raise MopError(f"method {method.name} returned {kept} for layer {ctx.layer}; expected {r} distinct ids")
+    if ctx.groups > 1:
+        size = ctx.num_experts // ctx.groups
+        counts = [sum(1 for e in kept if e // size == g) for g in range(ctx.groups)]
+        if len(set(counts)) > 1:
+            raise MopError(f"method {method.name} kept {counts} experts per routing group in layer {ctx.layer}")
+    return kept, c
