@@ -7,6 +7,6 @@ need calibration records declare it, so the coordinator knows whether to run the
 
 from mop_ray.methods.base import Choice, LayerContext, Method, choose, get_method, methods, register, select
 
-from mop_ray.methods import ean, enu, frequency, random, reap  # noqa: F401,E402  (each registers itself)
+from mop_ray.methods import cprune, ean, enu, frequency, mosaic, random, reap, tb_coverage  # noqa: F401,E402
 
 __all__ = ["Choice", "LayerContext", "Method", "choose", "get_method", "methods", "register", "select"]
