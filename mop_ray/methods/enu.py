@@ -42,6 +42,7 @@ def layer_products(ctx: LayerContext, min_kept: int) -> tuple[ExpertProducts, to
     return prods, batch, (moe, ckpt, sample)
 
 
+@torch.no_grad()
 def set_loss(prods: ExpertProducts, batch: torch.Tensor, keep: torch.Tensor) -> float:
     """L(S) = Σ_b sqrt(Σ_{t∈b} ‖z_t − ŷ_t‖²) for the kept mask ``keep`` [E] (float64)."""
     err = prods.token_errors(keep)  # [N]

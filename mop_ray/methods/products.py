@@ -10,7 +10,8 @@ layer pruned to a kept set S outputs  ŷ = Σ_{j∈top-k_S(t)} w_j f_j(x) + s, s
 each token's candidate experts [N, c, c] — the experts that can still enter its top-k after removals (all E
 under group-limited routing, where group choice can change). Routing for S comes from the recorded router
 logits with dropped experts masked (``mop_ray.arch.route``), which equals the physically pruned router.
-Inner products are accumulated in float64.
+Per-token inner products are float64 for float32 weights and float32 (fp32-accumulated GEMMs) for bf16/fp16
+weights, whose expert outputs carry ~3 significant digits anyway; every sum over tokens and batches is float64.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class ExpertProducts:
 
 def candidate_count(spec: RouterSpec, n_experts: int, min_kept: int) -> int:
     """Experts per token that can be routed to once the layer keeps at least ``min_kept`` experts."""
-    if spec.group_score is not None and spec.n_group > 1:
-        return n_experts  # a removal can change which groups a token routes into
+    if n_experts <= 32 or (spec.group_score is not None and spec.n_group > 1):
+        return n_experts  # few experts: the full Gram is cheap; groups: a removal can change the chosen groups
     return min(n_experts, spec.top_k + (n_experts - min_kept))
 
 
@@ -92,16 +93,18 @@ def expert_products(moe, family, spec: RouterSpec, x: torch.Tensor, z: torch.Ten
     ff = torch.empty(n_tokens, n_experts, dtype=torch.float64, device=device)
     gram = torch.empty(n_tokens, c, c, dtype=torch.float64, device=device)
     dtype = moe.experts.gate_up_proj.dtype
-    chunk_tokens = max(1, min(chunk_tokens, (1 << 31) // (n_experts * x.shape[-1] * 8)))  # f64 chunk <= 2 GB
+    prec = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+    width = n_experts * x.shape[-1] * torch.finfo(prec).bits // 8
+    chunk_tokens = max(1, min(chunk_tokens, (1 << 31) // width))  # one chunk's expert outputs <= 2 GB
     for start in range(0, n_tokens, chunk_tokens):
         sl = slice(start, min(start + chunk_tokens, n_tokens))
         xs = x[sl].to(device=device, dtype=dtype)
         shared = family.shared_output(moe, xs)
-        y = z[sl].to(device).double() - (shared.double() if shared is not None else 0)  # [n, H]
-        f = torch.stack([expert_forward(moe.experts, xs, e) for e in range(n_experts)], dim=1).double()  # [n, E, H]
-        yy[sl] = y.pow(2).sum(-1)
-        yf[sl] = torch.einsum("nh,neh->ne", y, f)
-        ff[sl] = f.pow(2).sum(-1)
-        fc = f.gather(1, cand[sl, :, None].expand(-1, -1, f.shape[-1]))  # [n, c, H]
-        gram[sl] = torch.bmm(fc, fc.transpose(1, 2))  # [n, c, c]
+        y = z[sl].to(device, prec) - (shared.to(prec) if shared is not None else 0)  # [n, H]
+        f = torch.stack([expert_forward(moe.experts, xs, e) for e in range(n_experts)], dim=1).to(prec)  # [n, E, H]
+        yy[sl] = y.pow(2).sum(-1).double()
+        yf[sl] = torch.bmm(f, y[:, :, None])[..., 0].double()  # [n, E]
+        ff[sl] = f.pow(2).sum(-1).double()
+        fc = f if c == n_experts else f.gather(1, cand[sl, :, None].expand(-1, -1, f.shape[-1]))  # [n, c, H]
+        gram[sl] = torch.bmm(fc, fc.transpose(1, 2)).double()  # [n, c, c]
     return ExpertProducts(yy, yf, ff, cand, pos, gram, logits, bias, spec)
