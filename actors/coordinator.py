@@ -62,12 +62,12 @@ class PruneJob:
 
 
 class Manifest:
-    def __init__(self, path: Path, plan_hash: str, resume: bool):
+    def __init__(self, path: Path, plan_hash: str, resume: bool, model: str = ""):
         self.path = path
         old = json.loads(path.read_text()) if path.exists() else None
         if resume and old is not None and old.get("plan_hash") != plan_hash:
             raise MopError(f"--resume: {path} belongs to a different plan (model, calibration, sample or seed changed)")
-        self.data = old if (resume and old) else {"plan_hash": plan_hash, "phases": {}}
+        self.data = old if (resume and old) else {"plan_hash": plan_hash, "model": model, "phases": {}}
 
     def done(self, phase: str):
         return self.data["phases"].get(phase)
@@ -242,7 +242,7 @@ def run(job: PruneJob, log=print) -> dict:
         shutil.rmtree(run_dir / "records", ignore_errors=True)
         (run_dir / "manifest.json").unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(run_dir / "manifest.json", plan_hash(job, ckpt), job.resume)
+    manifest = Manifest(run_dir / "manifest.json", plan_hash(job, ckpt), job.resume, str(ckpt.path.absolute()))
     connect(job.address)
     timings = {}
     if method.needs_records:

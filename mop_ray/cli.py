@@ -135,27 +135,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Build a tiny random Mixtral, prune it 8 -> 4 with ``random``, reload it with transformers, generate."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from actors.cluster import connect
+    from mop_ray.demo import run_demo
 
-    from mop_ray.prune import prune
-    from mop_ray.zoo.tiny import build_tiny
+    connect(None)
+    run_demo(args.out, quick=args.quick)
+    return 0
 
-    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mop-ray-demo-"))
-    src, out = work / "tiny-mixtral", work / "tiny-mixtral-pruned"
-    print(f"building a tiny random Mixtral in {src}")
-    build_tiny("mixtral", src, max_shard_size="200KB")
-    args_inspect = argparse.Namespace(model=str(src), json=False)
-    cmd_inspect(args_inspect)
-    res = prune(src, out, method="random", keep=4, seed=0, overwrite=True, max_shard_size="200KB")
-    print(f"pruned 8 -> 4 experts per layer: {res.out} ({_human(res.total_bytes)} of {_human(res.source_bytes)})")
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(out)
-    ids = tok("The quick brown fox", return_tensors="pt").input_ids
-    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    print(f"reloaded with transformers: {model.config.num_local_experts} experts/layer; "
-          f"generated {gen.shape[1] - ids.shape[1]} tokens (random weights, so the text is noise)")
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mop_ray.eval.harness import evaluate, write_json
+
+    tasks = None if args.tasks is None else [t for part in args.tasks for t in part.split(",") if t]
+    print(f"evaluating {args.model}")
+    result = evaluate(args.model, data=args.data, tasks=tasks, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                      batch_size=args.batch_size)
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mop_ray.report.html import build_report
+
+    print(f"wrote {build_report(args.run_dirs, args.out)}")
     return 0
 
 
@@ -200,10 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ins.set_defaults(fn=cmd_inspect)
 
-    demo = sub.add_parser("demo", help="prune a tiny built-in model end to end, offline")
-    demo.add_argument("--quick", action="store_true", help="the tiny random model (the only demo so far)")
+    demo = sub.add_parser("demo", help="prune the built-in model with several methods, evaluate, report (offline)")
+    demo.add_argument("--quick", action="store_true", help="a reduced run: two methods, little data")
     demo.add_argument("--out", help="work directory (default: a new temporary directory)")
     demo.set_defaults(fn=cmd_demo)
+
+    ev = sub.add_parser("eval", help="per-domain perplexity and multiple-choice accuracy of a checkpoint")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", default="default", help="held-out text: default (embedded valid splits) or a --calib SPEC")
+    ev.add_argument("--tasks", nargs="*", help="built-in MC sets (arithmetic), .jsonl files, or lm-eval task names")
+    ev.add_argument("--seq-len", type=int, default=512)
+    ev.add_argument("--max-tokens", type=int, default=32768, help="per domain")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--json", help="write the results here")
+    ev.set_defaults(fn=cmd_eval)
+
+    rep = sub.add_parser("report", help="HTML report with plots for one or more run directories")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", help="folder for report.html and PNGs (default: the first run dir)")
+    rep.set_defaults(fn=cmd_report)
     return p
 
 

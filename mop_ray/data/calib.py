@@ -48,10 +48,10 @@ def _builder(path: Path) -> str:
     return builder
 
 
-def parse_spec(spec: str) -> list[Source]:
-    """The sources named by ``--calib SPEC`` (see module doc)."""
+def parse_spec(spec: str, split: str = "train") -> list[Source]:
+    """The sources named by ``--calib SPEC`` (see module doc); ``split`` applies to embedded/Hub sources."""
     if spec == "default":
-        return [Source(d, "default", d) for d in DOMAINS]
+        return [Source(d, "default", d, split=split) for d in DOMAINS]
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
         return _parse_mixture(path)
@@ -66,7 +66,7 @@ def parse_spec(spec: str) -> list[Source]:
         return [Source(path.name.split(".")[0], "file", str(path))]
     if spec.startswith((".", "/", "~")) or _known(path) or path.suffix in (".yaml", ".yml"):
         raise MopError(f"--calib {spec}: no such file or folder")
-    return [Source(spec.replace("/", "_"), "hf", spec)]
+    return [Source(spec.replace("/", "_"), "hf", spec, split=split)]
 
 
 def _known(p: Path) -> bool:

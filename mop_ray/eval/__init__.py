@@ -1,0 +1,1 @@
+"""Evaluation of (pruned) checkpoints: per-domain perplexity, multiple-choice accuracy, optional lm-eval."""
