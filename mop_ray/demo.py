@@ -17,13 +17,11 @@ FULL = {"methods": ["mop", "enu", "reap", "frequency"], "tokens": 96 * 128, "seq
 
 
 def demo_model(work: Path, log) -> Path:
-    """The demo model: a tiny random Mixtral until the trained zoo model ships (its routing is not meaningful)."""
-    from mop_ray.zoo.tiny import build_tiny
+    """The demo model: tiny-mixtral, trained on the six-domain corpus and shipped in the package (5.4M params)."""
+    from mop_ray.zoo import shipped
 
-    path = work / "tiny-mixtral"
-    if not (path / "config.json").exists():
-        log(f"building the demo model (tiny RANDOM-weight Mixtral, 8 experts top-2) in {path}")
-        build_tiny("mixtral", path, max_shard_size="200KB")
+    path = shipped("tiny-mixtral")
+    log(f"demo model: {path} (Mixtral architecture, 8 experts top-2, trained on code/docs/wiki/literature/math/qa)")
     return path
 
 
@@ -46,13 +44,13 @@ def run_demo(out: str | Path | None = None, quick: bool = False, log=print) -> d
     for method in cfg["methods"]:
         log(f"--- {method}: 8 -> 4 experts per layer")
         res = run(PruneJob(model=str(model), out=str(work / f"pruned-{method}"), method=method, keep=4,
-                           tokens=cfg["tokens"], seq_len=cfg["seq_len"], micro_batch=4, overwrite=True,
+                           tokens=cfg["tokens"], seq_len=cfg["seq_len"], micro_batch=4, overwrite=True, dtype="float32",
                            progress=not quick), log=log)
         ev = evaluate(res["out"], **eval_kw)
         Path(res["run_dir"], "eval.json").write_text(json.dumps(ev, indent=2))
         run_dirs.append(res["run_dir"])
         table[method] = ev
-    report = build_report(run_dirs, work, baseline=baseline, title="mop-ray demo: tiny Mixtral, 8 -> 4 experts")
+    report = build_report(run_dirs, work, baseline=baseline, title="mop-ray demo: tiny-mixtral, 8 -> 4 experts per layer")
     log(format_table(table))
     log(f"report: {report}")
     return {"report": str(report), "work": str(work), "results": table}

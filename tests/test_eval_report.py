@@ -83,7 +83,7 @@ def test_demo_quick_writes_a_complete_report(tmp_path, ray_local):
     assert set(res["results"]) == {"unpruned", "mop", "frequency"}
     page = (tmp_path / "demo" / "report.html").read_text()
     images = re.findall(r"src='([^']+)'", page)
-    assert {"routing_mop.png", "routing_frequency.png", "mop_mop.png", "losses.png"} <= set(images)
+    assert {"routing_mop.png", "routing_frequency.png", "mop_mop.png", "losses.png", "zoo_routing.png"} <= set(images)
     for img in images:
         data = (tmp_path / "demo" / img).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000

@@ -178,6 +178,26 @@ def plot_losses(runs: list[Run], out: Path) -> str | None:
     return "losses.png"
 
 
+def plot_zoo(zoo: dict, out: Path) -> str:
+    """A trained zoo model's expert usage per domain and layer (from its zoo.json), with routing entropy."""
+    plt = _plt()
+    domains = list(zoo["usage"])
+    layers = list(zoo["usage"][domains[0]])
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 2.2 + 0.2 * len(domains)), squeeze=False)
+    for j, layer in enumerate(layers):
+        mat = np.array([zoo["usage"][d][layer] for d in domains])  # [D, E]
+        ax = axes[0][j]
+        ax.imshow(mat, aspect="auto", cmap="magma")
+        ent = [zoo["entropy_bits"][d][layer] for d in domains]
+        ax.set_yticks(range(len(domains)), [f"{d} ({e:.1f} b)" for d, e in zip(domains, ent)], fontsize=7)
+        ax.set_title(f"layer {layer}: share of routed slots", fontsize=8)
+        ax.set_xlabel("expert", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "zoo_routing.png", dpi=110)
+    plt.close(fig)
+    return "zoo_routing.png"
+
+
 def eval_table(runs: list[Run], baseline: dict | None) -> str:
     rows = ([("unpruned", baseline)] if baseline else []) + [(r.name, r.eval) for r in runs if r.eval]
     if not rows:
@@ -208,6 +228,11 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, base
         parts.append(f"<p>Model <code>{html.escape(first.get('source', '?'))}</code> ({first.get('family')}): "
                      f"{first.get('experts_before')} → {first.get('experts_after')} experts per MoE layer.</p>")
     parts.append("<h2>Quality per domain</h2>" + eval_table(runs, baseline))
+    zoo = Path(runs[0].manifest.get("model", "")) / "zoo.json"
+    if zoo.exists():
+        parts.append("<h2>The model's routing by domain (after training)</h2><p>Expert usage per domain on held-out "
+                     "text, with the routing entropy in bits: experts that specialise show as uneven rows.</p>"
+                     f"<img src='{plot_zoo(json.loads(zoo.read_text()), out)}'>")
     size_rows = "".join(
         f"<tr><th>{html.escape(r.name)}</th><td>{r.pruning.get('bytes_before', 0) / 1e6:.1f} MB</td>"
         f"<td>{r.pruning.get('bytes_after', 0) / 1e6:.1f} MB</td></tr>" for r in runs if r.pruning)
