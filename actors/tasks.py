@@ -21,7 +21,7 @@ def select_layer(run_dir: str, ctx: LayerContext, method: str, r: int) -> tuple[
     return ctx.layer, kept, [float(s) for s in c.scores], c.details
 
 
-def write_shard(directory: str, index: int, count: int, tensors) -> str:
+def write_shard(directory: str, index: int, count: int, tensors) -> tuple[str, str]:
     from mop_ray.checkpoint.writer import write_one_shard
 
     return write_one_shard(Path(directory), index, count, tensors)

@@ -49,7 +49,11 @@ def apply_config(args: argparse.Namespace) -> argparse.Namespace:
         for key, value in data.items():
             dest = str(key).replace("-", "_")
             if dest not in known:
-                raise MopError(f"--config {args.config}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+                import difflib
+
+                close = difflib.get_close_matches(dest, sorted(known), n=1)
+                hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
+                raise MopError(f"--config {args.config}: unknown key {key!r}{hint}; known keys: {', '.join(sorted(known))}")
             values[dest] = value
     for dest in set(PRUNE_DEFAULTS) | CONFIG_ONLY:
         if getattr(args, dest, None) is None:
@@ -156,6 +160,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from mop_ray.checkpoint.verify import verify
+
+    res = verify(args.dir)
+    print(f"ok: {args.dir}: {res['family']}, {res['experts']} experts, {res['shards']} shards, "
+          f"{res['checksums']} sha256 checked, {_human(res['bytes'])}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mop_ray.report.html import build_report
 
@@ -218,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--json", help="write the results here")
     ev.set_defaults(fn=cmd_eval)
+
+    ver = sub.add_parser("verify", help="re-check a written checkpoint: index, headers, sha256, layout")
+    ver.add_argument("dir")
+    ver.set_defaults(fn=cmd_verify)
 
     rep = sub.add_parser("report", help="HTML report with plots for one or more run directories")
     rep.add_argument("run_dirs", nargs="+")

@@ -148,3 +148,49 @@ def test_missing_keep_argument(tiny_models, tmp_path, capsys):
 
 def test_model_dir_missing(tmp_path, capsys):
     run_fails(capsys, tmp_path, ["--model", str(tmp_path / "nothing"), "--keep", "4"], "expected a model directory")
+
+
+def test_missing_or_corrupt_config(tiny_models, tmp_path, capsys):
+    src = copy_model(tiny_models, "mixtral", tmp_path)
+    (src / "config.json").write_text("{not json")
+    run_fails(capsys, tmp_path, ["--model", str(src), "--keep", "4"], "config.json: not valid JSON")
+    (src / "config.json").unlink()
+    run_fails(capsys, tmp_path, ["--model", str(src), "--keep", "4"], "no config.json")
+
+
+def test_output_path_under_a_file(tiny_models, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["prune", "--model", str(tiny_models["mixtral"]), "--out", str(blocker / "sub" / "out"), "--keep", "4"])
+    assert rc == 2 and "cannot create its parent directory" in capsys.readouterr().err
+
+
+def test_header_lying_about_sizes(tiny_models, tmp_path, capsys):
+    import struct
+
+    src = copy_model(tiny_models, "olmoe", tmp_path)
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [s * 2 for s in header[name]["shape"]]  # claims more bytes than its offsets hold
+    raw = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    run_fails(capsys, tmp_path, ["--model", str(src), "--keep", "4"], "corrupt safetensors header")
+
+
+def test_calibration_problems_fail_before_writing(tiny_models, tmp_path, ray_local):
+    from actors.coordinator import run
+    from conftest import small_job
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(MopError, match="empty.txt|blocks of"):
+        run(small_job(tiny_models["mixtral"], tmp_path / "o", calib=str(empty)), log=lambda *_: None)
+    src = copy_model(tiny_models, "mixtral", tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).unlink()
+    with pytest.raises(MopError, match="cannot load the tokenizer"):
+        run(small_job(src, tmp_path / "o"), log=lambda *_: None)
+    assert not (tmp_path / "o").exists()

@@ -153,4 +153,4 @@ def test_config_rejects_unknown_keys(tiny_models, tmp_path, capsys):
     cfg = tmp_path / "job.yaml"
     cfg.write_text("model: x\nkeeep: 4\n")
     assert main(["prune", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
-    assert "unknown key 'keeep'" in capsys.readouterr().err
+    assert "unknown key 'keeep' (did you mean 'keep'?)" in capsys.readouterr().err

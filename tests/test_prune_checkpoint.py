@@ -165,3 +165,19 @@ def test_console_script_is_installed(tiny_models, tmp_path):
                                 "--keep", "4"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stdout and (tmp_path / "o" / "config.json").exists()
+
+
+def test_verify_checks_checksums_and_index(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(tiny_models["qwen2_moe"]), "--out", str(out), "--keep", "4",
+                 "--max-shard-size", "100KB"]) == 0
+    pruning = json.loads((out / "pruning.json").read_text())
+    assert len(pruning["shards"]) > 1
+    assert main(["verify", str(out)]) == 0
+    assert f"{len(pruning['shards'])} sha256 checked" in capsys.readouterr().out
+    shard = out / sorted(pruning["shards"])[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # flip one bit of tensor data: headers still parse
+    shard.write_bytes(bytes(data))
+    assert main(["verify", str(out)]) == 2
+    assert "sha256 differs" in capsys.readouterr().err

@@ -119,13 +119,15 @@ def _layout(tensors: list[OutTensor], metadata: dict[str, str]) -> tuple[bytes, 
     return struct.pack("<Q", len(raw)) + raw, order
 
 
-def write_shard(path: str | os.PathLike, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> int:
-    """Stream ``tensors`` into a new safetensors file by copying their source byte ranges; return bytes of data."""
+def write_shard(path: str | os.PathLike, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> str:
+    """Stream ``tensors`` into a new safetensors file by copying their source byte ranges; return its sha256."""
+    import hashlib
+
     header, order = _layout(tensors, metadata or {"format": "pt"})
     buf = bytearray(COPY_CHUNK)
     view = memoryview(buf)
     handles: dict[Path, object] = {}
-    written = 0
+    digest = hashlib.sha256(header)
     try:
         with open(path, "wb") as out:
             out.write(header)
@@ -139,9 +141,19 @@ def write_shard(path: str | os.PathLike, tensors: list[OutTensor], metadata: dic
                         if not got:
                             raise MopError(f"{src}: file ended early while copying tensor {t.name!r}")
                         out.write(view[:got])
+                        digest.update(view[:got])
                         left -= got
-                written += t.nbytes
     finally:
         for f in handles.values():
             f.close()
-    return written
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -103,10 +103,10 @@ def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[Out
     return [s for s in shards if s]
 
 
-def write_one_shard(directory: Path, index: int, count: int, tensors: list[OutTensor]) -> str:
+def write_one_shard(directory: Path, index: int, count: int, tensors: list[OutTensor]) -> tuple[str, str]:
+    """Write output shard ``index`` of ``count``; -> (file name, sha256)."""
     name = SHARD_NAME.format(index + 1, count)
-    write_shard(directory / name, tensors, {"format": "pt"})
-    return name
+    return name, write_shard(directory / name, tensors, {"format": "pt"})
 
 
 @dataclass
@@ -137,8 +137,8 @@ def write_pruned(
 ) -> WriteResult:
     """Write ``src`` with only the experts in ``keep_map`` to ``out``, atomically.
 
-    ``shard_writer(directory, plans)`` may write the shards elsewhere (Ray tasks); by default they are
-    written here, one after another. ``info`` is merged into ``pruning.json`` (method, parameters, scores).
+    ``shard_writer(directory, plans) -> [(name, sha256)]`` may write the shards elsewhere (Ray tasks); by
+    default they are written here, one after another. ``info`` is merged into ``pruning.json`` (method, parameters, scores).
     """
     t0 = time.time()
     ckpt = src if isinstance(src, Checkpoint) else Checkpoint(src)
@@ -148,17 +148,23 @@ def write_pruned(
     r = len(next(iter(keep.values())))
     shards = plan_shards(plan_tensors(ckpt, keep), parse_size(max_shard_size))
     total = sum(t.nbytes for s in shards for t in s)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+    except OSError as e:
+        raise MopError(f"--out {out}: cannot create its parent directory ({e.strerror})") from None
     if free < total:
         raise MopError(f"--out {out}: needs {total / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free there")
 
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise MopError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
     try:
         plans = [(i, len(shards), s) for i, s in enumerate(shards)]
-        names = shard_writer(tmp, plans) if shard_writer else [write_one_shard(tmp, *p) for p in plans]
-        weight_map = {t.name: name for name, s in zip(names, shards) for t in s}
+        written = shard_writer(tmp, plans) if shard_writer else [write_one_shard(tmp, *p) for p in plans]
+        weight_map = {t.name: name for (name, _), s in zip(written, shards) for t in s}
         _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
         _write_json(tmp / "config.json", ckpt.family.patch_config(ckpt.config, r))
         for f in sorted(ckpt.path.iterdir()):
@@ -175,6 +181,7 @@ def write_pruned(
             "dropped_mtp_layers": ckpt.mtp_layers,
             "bytes_before": ckpt.total_bytes,
             "bytes_after": total,
+            "shards": {name: {"sha256": sha, "tensors": len(s)} for (name, sha), s in zip(written, shards)},
             "versions": _versions(),
             "timings": {**(info or {}).get("timings", {}), "write_s": round(seconds, 3)},
         })
