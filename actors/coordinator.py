@@ -53,6 +53,7 @@ class PruneJob:
     max_inflight: int = 4
     max_shard_size: str = "5GB"
     dtype: str | None = None
+    max_attempts: int = 3
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -134,12 +135,13 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, sources: list[str],
         raise MopError(f"could not reserve {len(stages)} x {bundle} for the stages within 10 minutes; "
                        f"cluster has {ray.cluster_resources()}")
     Shard = ray.remote(max_restarts=0)(LayerShardWorker)
+    runtime_env = {"env_vars": job.extra["fault_env"]} if job.extra.get("fault_env") else None
     actors = []
     moe = set(ckpt.moe_layers)
     for st in stages:
         record = any(i in moe and i not in recorded for i in st.layers)
         actors.append(Shard.options(
-            **actor_res,
+            **actor_res, runtime_env=runtime_env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=st.index),
         ).remote(str(ckpt.path), list(st.layers), str(run), sources, first_stage=st.index == 0, record=record,
                  dtype=job.dtype))
@@ -147,6 +149,21 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, sources: list[str],
 
 
 def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log) -> dict:
+    """Stream the calibration blocks through the stages; a stage lost mid-way (actor crash, node loss) restarts
+    the phase with fresh actors, up to ``job.max_attempts`` times. Records are written only when every
+    micro-batch went through, so a replay never double-counts."""
+    for attempt in range(1, job.max_attempts + 1):
+        try:
+            return _observe_once(job, ckpt, calib, run, manifest, log)
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
+            if attempt == job.max_attempts:
+                raise MopError(f"observe: a stage was lost {attempt} times; last: {str(e).strip().splitlines()[0]}") from None
+            log(f"observe: a stage was lost ({type(e).__name__}); restarting the phase (attempt {attempt + 1})")
+            for tmp in run.glob("records/layer=*/.sample.*.parquet"):
+                tmp.unlink(missing_ok=True)
+
+
+def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log) -> dict:
     recorded = set(map(int, (manifest.done("observe") or {}).get("layers", {})))
     if set(ckpt.moe_layers) <= recorded:
         log("observe: all layers recorded, skipping")
@@ -213,7 +230,8 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
         log("select: reusing the keep-map in the manifest")
         return {int(k): v for k, v in done["keep_map"].items()}, done["scores"], done.get("details", {})
     t0 = time.time()
-    params = {**job.extra, **({"general": job.general} if job.general is not None else {})}
+    params = {**{k: v for k, v in job.extra.items() if k != "fault_env"},
+              **({"general": job.general} if job.general is not None else {})}
     method = get_method(job.method)
     gpu = method.needs_weights and int(ray.cluster_resources().get("GPU", 0)) > 0
     opts = {"num_cpus": 0.5, "num_gpus": 1 if gpu else 0}
@@ -258,7 +276,7 @@ def run(job: PruneJob, log=print) -> dict:
     info = {"method": job.method, "parameters": {k: v for k, v in asdict(job).items() if k not in ("progress", "address")},
             "scores": scores, "details": details, "timings": timings, "run_dir": str(run_dir)}
     res = write_pruned(ckpt, job.out, keep, max_shard_size=job.max_shard_size, overwrite=job.overwrite, info=info,
-                       shard_writer=ray_shard_writer())
+                       shard_writer=ray_shard_writer(runtime_env={"env_vars": job.extra["fault_env"]} if job.extra.get("fault_env") else None))
     manifest.mark("write", {"out": str(res.out), "shards": res.shards, "bytes": res.total_bytes, "seconds": round(res.seconds, 2)})
     out = Checkpoint(res.out)  # verify: the output parses, has r experts and every MoE router
     if out.num_experts != job.keep or out.moe_layers != ckpt.moe_layers:

@@ -24,6 +24,18 @@ def pick_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _fault_injection(layers: list[int], mb_id: int) -> None:
+    """Test hook: MOP_RAY_FAULT_EXIT="<layer>:<micro-batch>:<marker file>" kills the process holding that layer
+    once, at that micro-batch (the marker file makes it once), so tests can exercise actor loss for real."""
+    spec = os.environ.get("MOP_RAY_FAULT_EXIT")
+    if not spec:
+        return
+    layer, mb, marker = spec.split(":", 2)
+    if int(layer) in layers and int(mb) == mb_id and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
 def _dtype(name: str | None) -> torch.dtype | None:
     return None if name in (None, "auto") else getattr(torch, name)
 
@@ -72,6 +84,7 @@ class LayerShardWorker:
     @torch.no_grad()
     def forward(self, mb_id: int, inp: torch.Tensor, meta: dict) -> torch.Tensor:
         """Run one micro-batch: token ids [B, L] on the first stage, hidden states [B, L, H] after; -> [B, L, H] CPU."""
+        _fault_injection(self.layer_ids, mb_id)
         h = self.embed(inp.to(self.device)) if self.embed is not None else inp.to(self.device)
         bsz, seq = h.shape[:2]
         pos = torch.arange(seq, device=self.device).unsqueeze(0).expand(bsz, -1)  # [B, L]
