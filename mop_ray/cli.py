@@ -87,7 +87,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from mop_ray.checkpoint.reader import Checkpoint
     from mop_ray.plan import describe, plan_stages
 
-    ckpt = Checkpoint(args.model)
+    if args.shape_only:
+        from mop_ray.shapes import ShapeOnly
+
+        ckpt = ShapeOnly(args.model)
+    else:
+        ckpt = Checkpoint(args.model)
     stages = plan_stages(ckpt, args.stages, micro_batch_tokens=args.micro_batch * args.seq_len)
     if args.json:
         print(json.dumps([s.to_dict() for s in stages], indent=2))
@@ -210,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--micro-batch", type=int, default=4)
     pl.add_argument("--seq-len", type=int, default=2048)
     pl.add_argument("--json", action="store_true")
+    pl.add_argument("--shape-only", action="store_true", help="--model is a config.json (or its folder); no weights needed")
     pl.set_defaults(fn=cmd_plan)
 
     ins = sub.add_parser("inspect", help="family, layers, experts, top-k and bytes per layer of a model")

@@ -135,3 +135,21 @@ def test_shipped_configs_use_known_keys(tmp_path):
         from mop_ray.methods import methods
 
         assert args.keep and args.method in methods(), cfg.name
+
+
+def test_shipped_configs_fit_their_stated_clusters():
+    """Every job config plans within 60 GB of weights per stage on its model's shapes (configs/shapes/)."""
+    import argparse
+    from pathlib import Path
+
+    from mop_ray.checkpoint.keepmap import check_r
+    from mop_ray.cli import PRUNE_DEFAULTS, apply_config
+    from mop_ray.shapes import ShapeOnly
+
+    root = Path(__file__).parent.parent / "configs"
+    for cfg in sorted(root.glob("*.yaml")):
+        shape = ShapeOnly(root / "shapes" / (cfg.stem.rsplit("-r", 1)[0] + ".json"))
+        args = apply_config(argparse.Namespace(config=str(cfg), model="m", out="o", **{k: None for k in PRUNE_DEFAULTS}))
+        check_r(shape, args.keep)
+        stages = plan_stages(shape, args.stages)
+        assert max(s.weight_bytes for s in stages) <= 60e9, cfg.name
