@@ -37,3 +37,47 @@ def test_stage_and_writer_crashes_are_survived(tiny_models, tmp_path, ray_local)
             np.testing.assert_allclose(a.by_source[f], b.by_source[f], rtol=1e-9, atol=1e-12)
     assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "hit")
     assert not list((tmp_path / "hit.run" / "records").glob("layer=*/.sample.*"))
+
+
+def test_losing_a_node_during_observe(tiny_models, tmp_path, ray_local):
+    """Remove the node that holds a stage while micro-batches stream; a replacement node joins (as the
+    autoscaler would bring one); the run completes with the undisturbed result."""
+    import threading
+    import time
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    model = tiny_models["qwen3_moe"]
+    kw = dict(stages=3, tokens=96 * 32, micro_batch=1)
+    calm = run(small_job(model, tmp_path / "calm", **kw), log=lambda *_: None)
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "include_dashboard": False})
+    try:
+        nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        removed = []
+
+        def kill_a_node():
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                if ray.available_resources().get("GPU", 0) == 0:  # all three GPUs reserved for the stages (0 is omitted)
+                    time.sleep(1.0)
+                    cluster.remove_node(nodes[-1])  # it holds a stage: every node holds one
+                    removed.append(nodes[-1].unique_id)
+                    cluster.add_node(num_cpus=1, num_gpus=1)  # the replacement the autoscaler would start
+                    return
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_a_node, daemon=True)
+        killer.start()
+        logs = []
+        hit = run(small_job(model, tmp_path / "hit", address=cluster.address, **kw), log=logs.append)
+        killer.join(timeout=5)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed and any("restarting the phase" in line for line in logs), logs
+    assert hit["keep_map"] == calm["keep_map"]
+    assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "hit")
