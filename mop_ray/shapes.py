@@ -13,12 +13,13 @@ from functools import cached_property
 from pathlib import Path
 
 from mop_ray.arch import detect
+from mop_ray.checkpoint.reader import ModelFacts
 from mop_ray.errors import MopError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
 
 
-class ShapeOnly:
+class ShapeOnly(ModelFacts):
     """The subset of ``Checkpoint`` the stage planner uses, computed from a config.json file or directory."""
 
     def __init__(self, config: str | Path):
@@ -36,22 +37,6 @@ class ShapeOnly:
         self.fp8 = quant.get("quant_method") == "fp8"
         self.block = tuple(quant.get("weight_block_size") or (128, 128))
         self.tensors: dict = {}  # no weights: the planner adds the embedding itself via embed_bytes
-
-    @property
-    def num_layers(self) -> int:
-        return self.family.num_layers(self.config)
-
-    @property
-    def num_experts(self) -> int:
-        return self.family.num_experts(self.config)
-
-    @property
-    def top_k(self) -> int:
-        return self.family.top_k(self.config)
-
-    @property
-    def moe_layers(self) -> list[int]:
-        return self.family.moe_layers(self.config)
 
     @cached_property
     def embed_bytes(self) -> int:

@@ -35,7 +35,30 @@ def load_json(path: Path, what: str) -> dict:
     return data
 
 
-class Checkpoint:
+class ModelFacts:
+    """Expert count, top-k, layers and MoE layers, read through the family from ``self.config``."""
+
+    family: Family
+    config: dict
+
+    @property
+    def num_experts(self) -> int:
+        return self.family.num_experts(self.config)
+
+    @property
+    def top_k(self) -> int:
+        return self.family.top_k(self.config)
+
+    @property
+    def num_layers(self) -> int:
+        return self.family.num_layers(self.config)
+
+    @cached_property
+    def moe_layers(self) -> list[int]:
+        return self.family.moe_layers(self.config)
+
+
+class Checkpoint(ModelFacts):
     """A model directory: ``config.json`` + safetensors (sharded with an index, or a single file)."""
 
     def __init__(self, path: str | Path):
@@ -118,22 +141,6 @@ class Checkpoint:
                 raise MopError(f"{self.path}: layer {i} has a router but no expert tensors")
 
     # --- facts --------------------------------------------------------------------------------------------
-    @property
-    def num_experts(self) -> int:
-        return self.family.num_experts(self.config)
-
-    @property
-    def top_k(self) -> int:
-        return self.family.top_k(self.config)
-
-    @property
-    def num_layers(self) -> int:
-        return self.family.num_layers(self.config)
-
-    @cached_property
-    def moe_layers(self) -> list[int]:
-        return self.family.moe_layers(self.config)
-
     @cached_property
     def mtp_layers(self) -> list[int]:
         return [i for i in self.family.mtp_layers(self.config) if any(n.startswith(f"model.layers.{i}.") for n in self.tensors)]
