@@ -1,4 +1,4 @@
-"""``mop-ray`` command line: prune, inspect, demo.
+"""``mop-ray`` command line: prune, inspect, plan, eval, report, verify, demo.
 
 Every user error is one line, ``mop-ray: error: ...``, exit status 2, and nothing is written.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from mop_ray import __version__
