@@ -20,9 +20,9 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from actors.cluster import connect, default_stages
+from actors.cluster import check_reachable, connect, default_stages
 from actors.layer_shard import LayerShardWorker
-from actors.tasks import ray_shard_writer, select_layer_task
+from actors.tasks import combine_layers_task, ray_shard_writer, select_layer_task
 from mop_ray.checkpoint.keepmap import check_r
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.checkpoint.writer import check_out, write_pruned
@@ -49,6 +49,7 @@ class PruneJob:
     resume: bool = False
     overwrite: bool = False
     stages: int | None = None
+    stage_gpus: int | None = None  # GPUs per stage; None: 1 if the cluster has a GPU per stage now, else 0
     micro_batch: int = 4
     max_inflight: int = 4
     max_shard_size: str = "5GB"
@@ -126,8 +127,9 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, sources: list[str],
     stages = plan_stages(ckpt, n_stages, micro_batch_tokens=job.micro_batch * job.seq_len)
     log(describe(stages, ckpt))
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus >= len(stages):
-        bundle, actor_res = {"GPU": 1, "CPU": 0.1}, {"num_gpus": 1, "num_cpus": 0.1}
+    stage_gpus = job.stage_gpus if job.stage_gpus is not None else int(gpus >= len(stages))
+    if stage_gpus:  # an autoscaling cluster with no GPU node yet starts GPU nodes for these bundles
+        bundle, actor_res = {"GPU": stage_gpus, "CPU": 0.1}, {"num_gpus": stage_gpus, "num_cpus": 0.1}
     else:
         bundle, actor_res = {"CPU": 0.1}, {"num_cpus": 0.1}
     pg = placement_group([bundle] * len(stages), strategy="PACK")
@@ -237,12 +239,17 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
     opts = {"num_cpus": 0.5, "num_gpus": 1 if gpu else 0}
     refs = [select_layer_task.options(**opts).remote(str(run), layer_context(ckpt, i, job.seed, params=params),
                                                      job.method, job.keep) for i in ckpt.moe_layers]
+    results = list(tqdm(ray.get(refs), desc="select", disable=not job.progress))
+    if method.combine is not None:  # a cross-layer stage (C-Prune global) picks the final ids of every layer
+        results = ray.get(combine_layers_task.options(**opts).remote(str(ckpt.path), job.method, results, job.keep, params))
     keep, scores, details = {}, {}, {}
-    for layer, kept, sc, det in tqdm(ray.get(refs), desc="select", disable=not job.progress):
+    for layer, kept, sc, det in results:
         keep[layer], scores[str(layer)], details[str(layer)] = kept, sc, det
     manifest.mark("select", {"method": job.method, "keep": job.keep, "keep_map": {str(k): v for k, v in keep.items()},
                              "scores": scores, "details": details, "seconds": round(time.time() - t0, 2)})
-    log(f"select: {job.method} kept {job.keep} of {ckpt.num_experts} experts in {len(keep)} layers ({time.time() - t0:.1f}s)")
+    counts = sorted({len(v) for v in keep.values()})
+    kept_text = job.keep if len(counts) == 1 else f"{counts[0]}-{counts[-1]} (non-uniform, {job.keep} on average)"
+    log(f"select: {job.method} kept {kept_text} of {ckpt.num_experts} experts in {len(keep)} layers ({time.time() - t0:.1f}s)")
     return keep, scores, details
 
 
@@ -255,6 +262,7 @@ def run(job: PruneJob, log=print) -> dict:
         raise MopError("prune: pass --keep R (experts to keep per layer)")
     check_r(ckpt, job.keep)
     check_out(Path(job.out).absolute(), job.overwrite)
+    check_reachable(job.address)  # an --address nobody answers on fails now, before anything is written
     run_dir = job.run_path
     if run_dir.exists() and not job.resume and (run_dir / "manifest.json").exists():
         shutil.rmtree(run_dir / "records", ignore_errors=True)
@@ -273,14 +281,18 @@ def run(job: PruneJob, log=print) -> dict:
     t = time.time()
     keep, scores, details = select_phase(job, ckpt, run_dir, manifest, log)
     timings["select_s"] = round(time.time() - t, 2)
+    if os.environ.get("MOP_RAY_FAULT_DRIVER_EXIT") == "after_select":  # test hook: the driver dies here
+        os._exit(137)
     info = {"method": job.method, "parameters": {k: v for k, v in asdict(job).items() if k not in ("progress", "address")},
             "scores": scores, "details": details, "timings": timings, "run_dir": str(run_dir)}
     res = write_pruned(ckpt, job.out, keep, max_shard_size=job.max_shard_size, overwrite=job.overwrite, info=info,
+                       allow_nonuniform=method.combine is not None,
                        shard_writer=ray_shard_writer(runtime_env={"env_vars": job.extra["fault_env"]} if job.extra.get("fault_env") else None))
     manifest.mark("write", {"out": str(res.out), "shards": res.shards, "bytes": res.total_bytes, "seconds": round(res.seconds, 2)})
-    out = Checkpoint(res.out)  # verify: the output parses, has r experts and every MoE router
-    if out.num_experts != job.keep or out.moe_layers != ckpt.moe_layers:
-        raise MopError(f"verify: {res.out} has {out.num_experts} experts in layers {out.moe_layers}; expected {job.keep}")
+    out = Checkpoint(res.out)  # verify: the output parses, has the kept counts and every MoE router
+    found = {i: out.experts_in(i) for i in out.moe_layers}
+    if found != {i: len(v) for i, v in keep.items()}:
+        raise MopError(f"verify: {res.out} has experts per layer {found}; expected {job.keep} (keep-map {keep})")
     manifest.mark("verify", {"ok": True})
     log(f"wrote {res.out}: {res.shards} shards, {res.total_bytes / 1e6:.1f} MB "
         f"({100 * res.total_bytes / res.source_bytes:.1f}% of the source) in {time.time() - t_start:.1f}s")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import ray
 
-from mop_ray.methods import LayerContext, choose, get_method
+from mop_ray.methods import Choice, LayerContext, choose, get_method
 from mop_ray.observe.records import LayerRecords
 
 
@@ -19,6 +19,15 @@ def select_layer(run_dir: str, ctx: LayerContext, method: str, r: int) -> tuple[
     ctx.device = "cuda" if torch.cuda.is_available() else "cpu"
     kept, c = choose(m, ctx, r)
     return ctx.layer, kept, [float(s) for s in c.scores], c.details
+
+
+def combine_layers(model_dir: str, method: str, results: list, r: int, params: dict) -> list:
+    """A cross-layer method's global stage over every layer's ``select_layer`` result -> results with final ids."""
+    from mop_ray.checkpoint.reader import Checkpoint
+
+    choices = {layer: Choice(scores, kept, details) for layer, kept, scores, details in results}
+    kept = get_method(method).combine(Checkpoint(model_dir), choices, r, params)
+    return [(layer, kept[layer], c.scores, c.details) for layer, c in sorted(choices.items())]
 
 
 def write_shard(directory: str, index: int, count: int, tensors) -> tuple[str, str]:
@@ -38,6 +47,7 @@ def write_shard(directory: str, index: int, count: int, tensors) -> tuple[str, s
 
 
 select_layer_task = ray.remote(max_retries=3)(select_layer)
+combine_layers_task = ray.remote(max_retries=3)(combine_layers)
 write_shard_task = ray.remote(max_retries=3)(write_shard)
 
 

@@ -25,7 +25,7 @@ def _human(n: float) -> str:
 PRUNE_DEFAULTS = {
     "method": "random", "keep": None, "general": None, "calib": "default", "tokens": 128 * 2048, "seq_len": 2048,
     "sample": 65536, "seed": 0, "run_dir": None, "address": None, "resume": False, "overwrite": False,
-    "keep_map": None, "stages": None, "micro_batch": 4, "max_shard_size": "5GB", "dtype": None,
+    "keep_map": None, "allow_nonuniform": False, "stages": None, "stage_gpus": None, "micro_batch": 4, "max_shard_size": "5GB", "dtype": None,
 }
 CONFIG_ONLY = {"model", "out"}
 
@@ -70,13 +70,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.keep_map is None and get_method(args.method).needs_records:
         from actors.coordinator import PruneJob, run
 
-        job = PruneJob(**{k: getattr(args, k) for k in PRUNE_DEFAULTS if k != "keep_map"}, model=args.model, out=args.out)
+        job = PruneJob(**{k: getattr(args, k) for k in PRUNE_DEFAULTS if k not in ("keep_map", "allow_nonuniform")},
+                       model=args.model, out=args.out)
         run(job)
         return 0
     from mop_ray.prune import prune
 
     res = prune(args.model, args.out, method=args.method, keep=args.keep, seed=args.seed,
-                keep_map_file=args.keep_map, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+                keep_map_file=args.keep_map, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                allow_nonuniform=args.allow_nonuniform)
     print(f"wrote {res.out}: {res.shards} shards, {_human(res.total_bytes)} "
           f"({100 * res.total_bytes / res.source_bytes:.1f}% of {_human(res.source_bytes)}) in {res.seconds:.1f}s")
     return 0
@@ -192,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep", type=int, help="experts to keep per MoE layer (R)")
     pr.add_argument("--general", type=int, help="general experts kept by reconstruction loss (MoP, GVP)")
     pr.add_argument("--keep-map", help="JSON {layer: [expert ids]} (or a pruning.json) to apply instead of a method")
+    pr.add_argument("--allow-nonuniform", action="store_true", default=None,
+                    help="accept a --keep-map with different counts per layer (loads only with mop_ray.load_pruned)")
     pr.add_argument("--calib", help="calibration data: default | FILE | FOLDER | MIXTURE.yaml | HF dataset name")
     pr.add_argument("--tokens", type=int, help="total calibration tokens (default 262144)")
     pr.add_argument("--seq-len", type=int, help="calibration block length (default 2048)")
@@ -201,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
     pr.add_argument("--resume", action="store_true", default=None, help="skip phases the run dir's manifest has done")
     pr.add_argument("--stages", type=int, help="pipeline stages (default: one per GPU, one when there is none)")
+    pr.add_argument("--stage-gpus", type=int, help="GPUs each stage reserves (default: 1 when the cluster has one GPU "
+                    "per stage at start, else 0); 1 makes an autoscaling cluster start GPU nodes")
     pr.add_argument("--micro-batch", type=int, help="calibration blocks per micro-batch (default 4)")
     pr.add_argument("--dtype", help="compute dtype of the stages (default: the checkpoint's)")
     pr.add_argument("--config", help="YAML with the same keys as these flags; flags win")

@@ -50,7 +50,7 @@ def read_keep_map_file(path: str | Path) -> dict:
 
 def prune(model: str | Path, out: str | Path, *, method: str = "random", keep: int | None = None,
           seed: int = 0, keep_map_file: str | Path | None = None, overwrite: bool = False,
-          max_shard_size: str = "5GB") -> WriteResult:
+          max_shard_size: str = "5GB", allow_nonuniform: bool = False) -> WriteResult:
     t0 = time.time()
     ckpt = Checkpoint(model)
     if keep_map_file is not None:
@@ -62,4 +62,5 @@ def prune(model: str | Path, out: str | Path, *, method: str = "random", keep: i
         method_name, params = method, {"keep": keep, "seed": seed}
     select_s = time.time() - t0
     info = {"method": method_name, "parameters": params, "scores": scores, "timings": {"select_s": round(select_s, 3)}}
-    return write_pruned(ckpt, out, keep_map, max_shard_size=max_shard_size, overwrite=overwrite, info=info)
+    return write_pruned(ckpt, out, keep_map, max_shard_size=max_shard_size, overwrite=overwrite, info=info,
+                        allow_nonuniform=allow_nonuniform)

@@ -17,14 +17,19 @@ from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.errors import MopError
 
 
-def hf_config(ckpt: Checkpoint, attn_implementation: str = "sdpa", experts_implementation: str = "grouped_mm"):
+def hf_config(ckpt: Checkpoint, attn_implementation: str = "sdpa", experts_implementation: str = "grouped_mm",
+              experts: int | None = None):
     """The transformers config with attention and experts kernels set explicitly, as ``from_pretrained`` does.
 
     Left unset, a standalone layer silently ran non-causal attention and a different experts kernel.
+    ``experts`` overrides the routed-expert count (one layer of a non-uniform checkpoint).
     """
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(ckpt.path)
+    if ckpt.experts_per_layer is None and experts is None:
+        cfg = AutoConfig.from_pretrained(ckpt.path)
+    else:  # a non-uniform checkpoint's config.json is deliberately unknown to AutoConfig: build from the dict
+        cfg = ckpt.family.config_class().from_dict(ckpt.family.patch_config(ckpt.config, experts or ckpt.num_experts))
     cfg._attn_implementation = attn_implementation
     cfg._experts_implementation = experts_implementation
     return cfg
@@ -59,7 +64,7 @@ def layer_state_dict(ckpt: Checkpoint, i: int) -> dict[str, torch.Tensor]:
                 local = "mlp." + local[len(fam.moe_module) + 1:]
             sd[local] = tensor
     if experts:
-        n = ckpt.num_experts
+        n = ckpt.experts_in(i)
         if sorted(experts) != list(range(n)) or any(len(v) != 3 for v in experts.values()):
             raise MopError(f"{ckpt.path}: layer {i} has an incomplete expert set (expected {n} experts x 3 projections)")
         sd["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([experts[e][gate_n], experts[e][up_n]]) for e in range(n)])  # [E, 2I, H]

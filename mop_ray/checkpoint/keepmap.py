@@ -2,7 +2,8 @@
 
 Rules (each failure is a one-line MopError naming what was expected and what was found):
 - every MoE layer has an entry, no other layer does; ids are unique integers in [0, n);
-- r is the same in every layer (stock transformers/vLLM configs hold one scalar count), top_k <= r < n;
+- r is the same in every layer (stock transformers/vLLM configs hold one scalar count), top_k <= r < n —
+  unless ``uniform=False`` (C-Prune's global stage): then each layer's count c obeys top_k <= c <= n;
 - group-limited routing (DeepSeek, ``n_group`` > 1): r % n_group == 0, every group keeps the same number of
   experts, at least ``min_per_group`` (V3 scores a group by the sum of its top 2), and
   top_k <= topk_group * r / n_group so a token can still fill its k slots from its chosen groups.
@@ -14,30 +15,35 @@ from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.errors import MopError
 
 
-def check_r(ckpt: Checkpoint, r: int) -> None:
+def check_r(ckpt: Checkpoint, r: int, *, what: str | None = None, allow_all: bool = False) -> None:
+    """Raise MopError unless keeping r experts in a layer is valid (``what`` names the setting in the message)."""
     n, k = ckpt.num_experts, ckpt.top_k
+    what = what or f"--keep {r}"
+    if ckpt.experts_per_layer:
+        raise MopError(f"{ckpt.path}: already has different expert counts per layer (C-Prune global output); "
+                       "pruning it again is not supported - prune the original model")
     if not isinstance(r, int) or isinstance(r, bool):
         raise MopError(f"--keep: expected an integer number of experts per layer, found {r!r}")
-    if r >= n:
-        raise MopError(f"--keep {r}: must be below the {n} experts per layer of this {ckpt.family.name} model")
+    if r > n or (r == n and not allow_all):
+        raise MopError(f"{what}: must be below the {n} experts per layer of this {ckpt.family.name} model")
     if r < k:
-        raise MopError(f"--keep {r}: must be at least the router top-k num_experts_per_tok={k}")
+        raise MopError(f"{what}: must be at least the router top-k num_experts_per_tok={k}")
     groups = ckpt.family.group_constraints(ckpt.config)
     if groups:
         n_group, min_per_group = groups
         topk_group = ckpt.family.router_spec(ckpt.config).topk_group
         if r % n_group:
-            raise MopError(f"--keep {r}: group-limited routing needs a multiple of n_group={n_group} experts")
+            raise MopError(f"{what}: group-limited routing needs a multiple of n_group={n_group} experts")
         per = r // n_group
         if per < min_per_group:
-            raise MopError(f"--keep {r}: leaves {per} experts per group; {ckpt.family.name} routing needs >= {min_per_group}")
+            raise MopError(f"{what}: leaves {per} experts per group; {ckpt.family.name} routing needs >= {min_per_group}")
         if k > topk_group * per:
             raise MopError(
-                f"--keep {r}: top-k {k} exceeds topk_group*r/n_group = {topk_group}*{per}; tokens could not fill their slots"
+                f"{what}: top-k {k} exceeds topk_group*r/n_group = {topk_group}*{per}; tokens could not fill their slots"
             )
 
 
-def normalise_keep_map(ckpt: Checkpoint, raw: dict) -> dict[int, list[int]]:
+def normalise_keep_map(ckpt: Checkpoint, raw: dict, uniform: bool = True) -> dict[int, list[int]]:
     """Keys as ints, ids sorted; raise MopError on any rule above."""
     if not isinstance(raw, dict) or not raw:
         raise MopError(f"keep-map: expected a non-empty object {{layer: [expert ids]}}, found {type(raw).__name__}")
@@ -63,12 +69,16 @@ def normalise_keep_map(ckpt: Checkpoint, raw: dict) -> dict[int, list[int]]:
     if missing:
         raise MopError(f"keep-map: no entry for MoE layers {_ranges(missing)}")
     sizes = {len(v) for v in keep.values()}
-    if len(sizes) > 1:
+    if len(sizes) > 1 and uniform:
         raise MopError(
-            f"keep-map: kept-expert counts differ across layers ({sorted(sizes)}); stock transformers/vLLM need one r"
+            f"keep-map: kept-expert counts differ across layers ({sorted(sizes)}); stock transformers/vLLM need one r "
+            "(pass --allow-nonuniform to write a checkpoint that only mop_ray.load_pruned loads)"
         )
-    r = sizes.pop()
-    check_r(ckpt, r)
+    if uniform:
+        check_r(ckpt, sizes.pop())
+    else:
+        for layer, ids in sorted(keep.items()):
+            check_r(ckpt, len(ids), what=f"keep-map: layer {layer} keeps {len(ids)}", allow_all=True)
     groups = ckpt.family.group_constraints(ckpt.config)
     if groups:
         n_group = groups[0]
@@ -78,7 +88,7 @@ def normalise_keep_map(ckpt: Checkpoint, raw: dict) -> dict[int, list[int]]:
             if len(set(counts)) > 1:
                 raise MopError(
                     f"keep-map: layer {layer} keeps {counts} experts in its {n_group} routing groups; "
-                    f"group-limited routing needs the same number ({r // n_group}) in every group"
+                    f"group-limited routing needs the same number ({len(ids) // n_group}) in every group"
                 )
     return keep
 

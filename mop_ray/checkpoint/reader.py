@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 
 from mop_ray.arch import Family, detect
+from mop_ray.checkpoint.nonuniform import unmark_config
 from mop_ray.checkpoint.safetensors_io import TensorInfo, read_header
 from mop_ray.errors import MopError
 
@@ -40,10 +41,16 @@ class ModelFacts:
 
     family: Family
     config: dict
+    experts_per_layer: dict[int, int] | None = None  # set only for non-uniform checkpoints (C-Prune global)
 
     @property
     def num_experts(self) -> int:
+        """The config's routed-expert count (the largest per-layer count in a non-uniform checkpoint)."""
         return self.family.num_experts(self.config)
+
+    def experts_in(self, layer: int) -> int:
+        """Routed experts in MoE layer ``layer``."""
+        return self.experts_per_layer[layer] if self.experts_per_layer else self.num_experts
 
     @property
     def top_k(self) -> int:
@@ -65,7 +72,7 @@ class Checkpoint(ModelFacts):
         self.path = Path(path)
         if not self.path.is_dir():
             raise MopError(f"--model {self.path}: expected a model directory, found {'a file' if self.path.exists() else 'nothing'}")
-        self.config: dict = load_json(self.path / "config.json", "the model config")
+        self.config, self.experts_per_layer = unmark_config(load_json(self.path / "config.json", "the model config"))
         self.family: Family = detect(self.config)
         self.weight_map: dict[str, str] = self._weight_map()
         self.tensors: dict[str, TensorInfo] = self._headers()
@@ -118,15 +125,22 @@ class Checkpoint(ModelFacts):
                 f"{self.path}: config.json says MoE layers {sorted(expected)} but the weights have routers in layers "
                 f"{sorted(found)} (expected on-disk names like {fam.router_weight_name(min(expected or {0}))!r})"
             )
-        n = self.num_experts
+        if self.experts_per_layer is not None and set(self.experts_per_layer) != expected:
+            raise MopError(f"{self.path}: config.json lists per-layer expert counts for layers "
+                           f"{sorted(self.experts_per_layer)} but the MoE layers are {sorted(expected)}")
         experts: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
         for name in self.tensors:
             if m := fam.expert_re.match(name):
                 experts[int(m.group(1))][int(m.group(2))].add(m.group(3))
         for i in sorted(found):
+            n = self.experts_in(i)
             rows = self.tensors[fam.router_weight_name(i)].shape[0]
             if rows != n:
                 raise MopError(f"{self.path}: layer {i} router has {rows} rows but config.json says {n} experts")
+            if per := experts.get(i):
+                extra = sorted(e for e in per if e >= n)
+                if extra:
+                    raise MopError(f"{self.path}: layer {i} has tensors for experts {extra[:3]} beyond its {n} experts")
             if i in experts:  # per-expert layout: every expert has the same tensors (weights, fp8 scales)
                 per = experts[i]
                 ref = per.get(0, set())

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mop_ray.checkpoint.keepmap import normalise_keep_map
+from mop_ray.checkpoint.nonuniform import mark_config
 from mop_ray.checkpoint.reader import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
 from mop_ray.checkpoint.safetensors_io import OutTensor, TensorInfo, write_shard
 from mop_ray.errors import MopError
@@ -134,18 +135,23 @@ def write_pruned(
     overwrite: bool = False,
     info: dict | None = None,
     shard_writer=None,
+    allow_nonuniform: bool = False,
 ) -> WriteResult:
     """Write ``src`` with only the experts in ``keep_map`` to ``out``, atomically.
 
     ``shard_writer(directory, plans) -> [(name, sha256)]`` may write the shards elsewhere (Ray tasks); by
     default they are written here, one after another. ``info`` is merged into ``pruning.json`` (method, parameters, scores).
+    With ``allow_nonuniform`` layers may keep different counts; such a checkpoint is marked so that only
+    ``mop_ray.load_pruned`` loads it (``mop_ray.checkpoint.nonuniform``).
     """
     t0 = time.time()
     ckpt = src if isinstance(src, Checkpoint) else Checkpoint(src)
     out = Path(out).absolute()
     check_out(out, overwrite)
-    keep = normalise_keep_map(ckpt, keep_map)
-    r = len(next(iter(keep.values())))
+    keep = normalise_keep_map(ckpt, keep_map, uniform=not allow_nonuniform)
+    counts = {layer: len(ids) for layer, ids in keep.items()}
+    r = max(counts.values())
+    nonuniform = len(set(counts.values())) > 1
     shards = plan_shards(plan_tensors(ckpt, keep), parse_size(max_shard_size))
     total = sum(t.nbytes for s in shards for t in s)
     try:
@@ -166,7 +172,8 @@ def write_pruned(
         written = shard_writer(tmp, plans) if shard_writer else [write_one_shard(tmp, *p) for p in plans]
         weight_map = {t.name: name for (name, _), s in zip(written, shards) for t in s}
         _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-        _write_json(tmp / "config.json", ckpt.family.patch_config(ckpt.config, r))
+        config = ckpt.family.patch_config(ckpt.config, r)
+        _write_json(tmp / "config.json", mark_config(config, counts) if nonuniform else config)
         for f in sorted(ckpt.path.iterdir()):
             if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copy2(f, tmp / f.name)
@@ -177,7 +184,8 @@ def write_pruned(
             "source": str(ckpt.path),
             "family": ckpt.family.name,
             "experts_before": ckpt.num_experts,
-            "experts_after": r,
+            "experts_after": {str(k): v for k, v in sorted(counts.items())} if nonuniform else r,
+            "nonuniform": nonuniform,
             "dropped_mtp_layers": ckpt.mtp_layers,
             "bytes_before": ckpt.total_bytes,
             "bytes_after": total,

@@ -13,12 +13,14 @@ MC_DIR = Path(__file__).resolve().parent.parent / "data" / "mc"
 
 def load_model(model_dir: str | Path, device: str | None = None):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from mop_ray.load import load_pruned
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        model = load_pruned(model_dir, dtype=dtype, device=device)  # non-uniform checkpoints too
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # noqa: BLE001 - transformers raises many types
         raise MopError(f"{model_dir}: cannot load with transformers ({type(e).__name__}: {str(e).splitlines()[0]})") from None

@@ -53,18 +53,22 @@ class Method:
     needs_records: bool
     needs_weights: bool
     summary: str
+    # cross-layer stage (C-Prune global): (ckpt, {layer: Choice of the per-layer stage}, r, params) -> {layer: kept};
+    # its per-layer stage returns candidate survivors, and the counts it keeps may differ per layer
+    combine: Callable | None = None
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, needs_records: bool, summary: str, needs_weights: bool = False, set_based: bool = False):
+def register(name: str, *, needs_records: bool, summary: str, needs_weights: bool = False, set_based: bool = False,
+             combine: Callable | None = None):
     """Register a method. Score methods are ``fn(ctx) -> scores [n]``; set-based ones ``fn(ctx, r) -> Choice``."""
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        choose = fn if set_based else (lambda ctx, r, fn=fn: Choice(np.asarray(fn(ctx), dtype=np.float64)))
-        _REGISTRY[name] = Method(name, choose, needs_records, needs_weights, summary)
+        choose = fn if set_based or combine else (lambda ctx, r, fn=fn: Choice(np.asarray(fn(ctx), dtype=np.float64)))
+        _REGISTRY[name] = Method(name, choose, needs_records, needs_weights, summary, combine)
         return fn
 
     return wrap
@@ -102,8 +106,13 @@ def select(scores: np.ndarray, r: int, groups: int = 1, among: list[int] | None 
 
 
 def choose(method: Method, ctx: LayerContext, r: int) -> tuple[list[int], Choice]:
-    """Run a method on one layer and return (kept ids, its Choice), checking the set it returns."""
+    """Run a method on one layer and return (kept ids, its Choice), checking the set it returns.
+
+    For a cross-layer method this is its per-layer stage: the ids are the candidates its ``combine`` chooses from.
+    """
     c = method.choose(ctx, r)
+    if method.combine is not None:
+        return sorted(c.kept), c
     kept = sorted(c.kept) if c.kept is not None else select(c.scores, r, ctx.groups)
     if len(kept) != r or len(set(kept)) != r or not all(0 <= e < ctx.num_experts for e in kept):
         raise MopError(f"method {method.name} returned {kept} for layer {ctx.layer}; expected {r} distinct ids")

@@ -225,8 +225,11 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None, base
     parts = [f"<h1>{html.escape(title)}</h1>"]
     first = runs[0].pruning
     if first:
+        after = first.get("experts_after")
+        if isinstance(after, dict):  # non-uniform (C-Prune global): a count per layer
+            after = f"{min(after.values())}–{max(after.values())} (different per layer: {after})"
         parts.append(f"<p>Model <code>{html.escape(first.get('source', '?'))}</code> ({first.get('family')}): "
-                     f"{first.get('experts_before')} → {first.get('experts_after')} experts per MoE layer.</p>")
+                     f"{first.get('experts_before')} → {html.escape(str(after))} experts per MoE layer.</p>")
     parts.append("<h2>Quality per domain</h2>" + eval_table(runs, baseline))
     zoo = Path(runs[0].manifest.get("model", "")) / "zoo.json"
     if zoo.exists():
