@@ -2,8 +2,10 @@
 
 MoE layers weigh far more than dense ones (DeepSeek-V3's three dense layers are ~1/20 of an MoE layer), so
 stages are balanced by the bytes of their tensors, not by layer count: the split minimises the largest
-stage (exact, by binary search over the bottleneck with a greedy feasibility check). The first stage also
-holds the token embedding. The memory estimate adds the all-experts working set of one micro-batch.
+stage (exact, by binary search over the bottleneck with a greedy feasibility check). Bytes are resident
+bytes: FP8 block-quantised weights count twice their file size, since stages dequantize them to bf16 for
+calibration. The first stage also holds the token embedding. The memory estimate adds the all-experts
+working set of one micro-batch.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def plan_stages(ckpt: Checkpoint, n_stages: int, *, micro_batch_tokens: int = 81
     embed = getattr(ckpt, "embed_bytes", None)
     if embed is None:
         embed = sum(t.nbytes for n, t in ckpt.tensors.items() if "embed_tokens" in n and ckpt.layer_of(n) is None)
-    costs = [ckpt.layer_bytes.get(i, 0) for i in layers]
+    costs = [ckpt.resident_layer_bytes.get(i, 0) for i in layers]
     costs[0] += embed
     hidden = int(ckpt.config.get("hidden_size", 0))
     # per micro-batch: hidden states in/out + one expert's output at a time + [T, E] routing tensors
@@ -82,4 +84,6 @@ def describe(stages: list[Stage], ckpt: Checkpoint) -> str:
         n_moe = sum(1 for i in st.layers if i in moe)
         lines.append(f"  stage {st.index}: layers {st.layers[0]}-{st.layers[-1]} ({n_moe} MoE, {len(st.layers) - n_moe} dense)"
                      f"  weights {st.weight_bytes / 1e9:.3f} GB  est. memory {st.memory_bytes / 1e9:.3f} GB")
+    if ckpt.resident_layer_bytes != ckpt.layer_bytes:
+        lines.append("  (FP8 weights are dequantized to bf16 on the stages: weights above are resident bytes)")
     return "\n".join(lines)

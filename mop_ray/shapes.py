@@ -42,7 +42,8 @@ class ShapeOnly(ModelFacts):
     def embed_bytes(self) -> int:
         return int(self.config["vocab_size"]) * int(self.config["hidden_size"]) * self.dtype_bytes
 
-    def _layer_bytes(self, i: int) -> int:
+    def _layer_bytes(self, i: int, resident: bool = False) -> int:
+        """On-disk bytes of layer i; ``resident``: once loaded, FP8 experts dequantized to 2 bytes, no scales."""
         import torch
         from transformers import AutoConfig
 
@@ -53,7 +54,9 @@ class ShapeOnly(ModelFacts):
         params = dict(layer.named_parameters())
         total = sum(b.numel() * b.element_size() for n, b in layer.state_dict().items() if n not in params)  # e.g. fp32 biases
         for name, p in params.items():
-            if self.fp8 and name.startswith("mlp.experts."):  # [E, out, in] weights in fp8 + fp32 block scales
+            if self.fp8 and resident and name.startswith("mlp.experts."):
+                total += p.numel() * 2
+            elif self.fp8 and name.startswith("mlp.experts."):  # [E, out, in] weights in fp8 + fp32 block scales
                 out_dim, in_dim = p.shape[-2], p.shape[-1]
                 scales = math.ceil(out_dim / self.block[0]) * math.ceil(in_dim / self.block[1])
                 total += p.numel() + p.shape[0] * scales * 4
@@ -61,17 +64,24 @@ class ShapeOnly(ModelFacts):
                 total += p.numel() * self.dtype_bytes
         return total
 
-    @cached_property
-    def layer_bytes(self) -> dict[int, int]:
+    def _per_layer(self, resident: bool) -> dict[int, int]:
         moe = set(self.moe_layers)
         cache: dict[bool, int] = {}
         out = {}
         for i in range(self.num_layers):  # every MoE layer has the same shapes, as does every dense one
             kind = i in moe
             if kind not in cache:
-                cache[kind] = self._layer_bytes(i)
+                cache[kind] = self._layer_bytes(i, resident)
             out[i] = cache[kind]
         return out
+
+    @cached_property
+    def layer_bytes(self) -> dict[int, int]:
+        return self._per_layer(False)
+
+    @cached_property
+    def resident_layer_bytes(self) -> dict[int, int]:
+        return self._per_layer(True)
 
     @property
     def total_bytes(self) -> int:

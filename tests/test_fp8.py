@@ -1,4 +1,5 @@
-"""FP8 block-quantised checkpoints (the official DeepSeek-V3 release format): kept experts copied verbatim."""
+"""FP8 block-quantised checkpoints (the official DeepSeek-V3 release format): dequantized for calibration,
+kept experts copied verbatim."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def fp8_model(tiny_models, tmp_path):
         tensors = load_file(src / shard)
         out = {}
         for name, t in tensors.items():
-            if ".experts." in name and name.endswith(".weight"):
-                out[name] = t.to(torch.float8_e4m3fn)
-                out[name[: -len("weight")] + "weight_scale_inv"] = torch.rand(1, 1) + 0.5  # one 128x128 block
+            if ".experts." in name and name.endswith(".weight"):  # one 128x128 block at this size
+                scale = t.abs().max().float().reshape(1, 1) / 448.0  # e4m3's largest finite value
+                out[name] = (t.float() / scale).to(torch.float8_e4m3fn)
+                out[name[: -len("weight")] + "weight_scale_inv"] = scale
             else:
                 out[name] = t
         save_file(out, dst / shard, metadata={"format": "pt"})
@@ -69,21 +71,55 @@ def test_fp8_experts_and_scales_are_copied_verbatim(fp8_model, tmp_path):
         assert f.get_tensor("model.layers.1.mlp.experts.0.up_proj.weight").dtype == torch.float8_e4m3fn
 
 
-def test_calibrating_fp8_layers_fails_clearly(fp8_model, tmp_path, ray_local):
+def test_dequantize_fp8_applies_each_block_scale():
+    from mop_ray.arch.layer import dequantize_fp8
+
+    w = (torch.randn(5, 7, generator=torch.Generator().manual_seed(0)) * 50).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 3, generator=torch.Generator().manual_seed(1)) + 0.1  # blocks of 2 rows x 3 cols
+    expected = torch.empty(5, 7)
+    for i in range(5):
+        for j in range(7):
+            expected[i, j] = w[i, j].float() * scale[i // 2, j // 3]
+    assert torch.equal(dequantize_fp8(w, scale, (2, 3), torch.float32), expected)
+    with pytest.raises(MopError, match=r"needs a \[3, 3\] weight_scale_inv, found \[2, 3\]"):
+        dequantize_fp8(w, scale[:2], (2, 3), torch.float32)
+
+
+def test_fp8_layers_are_dequantized_for_calibration(fp8_model, tiny_models):
+    from mop_ray.arch.layer import build_layer
+
+    fp8, ref = Checkpoint(fp8_model), Checkpoint(tiny_models["deepseek_v3"])
+    moe = build_layer(fp8, 1).mlp
+    original = build_layer(ref, 1).mlp
+    assert moe.experts.gate_up_proj.dtype == torch.float32  # the layer's own dtype (its norms, router)
+    with safe_open(fp8.tensors["model.layers.1.mlp.experts.3.down_proj.weight"].path, "pt") as f:
+        q = f.get_tensor("model.layers.1.mlp.experts.3.down_proj.weight")
+        s = f.get_tensor("model.layers.1.mlp.experts.3.down_proj.weight_scale_inv")
+    assert torch.equal(moe.experts.down_proj[3], q.float() * s)
+    rel = (moe.experts.gate_up_proj - original.experts.gate_up_proj).norm() / original.experts.gate_up_proj.norm()
+    assert 0 < rel < 0.05  # e4m3 keeps ~3 mantissa bits
+
+
+def test_pruning_an_fp8_model_with_calibration_keeps_fp8_experts(fp8_model, tmp_path, ray_local):
     from actors.coordinator import run
 
-    with pytest.raises(MopError, match="FP8 block-quantised"):
-        run(small_job(fp8_model, tmp_path / "o", stages=1), log=lambda *_: None)
-    assert not (tmp_path / "o").exists()
+    res = run(small_job(fp8_model, tmp_path / "o", stages=1, method="reap"), log=lambda *_: None)
+    out = Checkpoint(res["out"])
+    assert out.num_experts == 4 and out.config["quantization_config"]["quant_method"] == "fp8"
+    src = Checkpoint(fp8_model)
+    for layer, ids in res["keep_map"].items():
+        for new, old in enumerate(ids):
+            a = f"model.layers.{layer}.mlp.experts.{old}.up_proj.weight_scale_inv"
+            b = f"model.layers.{layer}.mlp.experts.{new}.up_proj.weight_scale_inv"
+            with safe_open(src.tensors[a].path, "pt") as fa, safe_open(out.tensors[b].path, "pt") as fb:
+                assert torch.equal(fa.get_tensor(a), fb.get_tensor(b))
 
 
-def test_incomplete_expert_sets_are_refused(tiny_models, tmp_path):
-    import shutil
+def test_plan_counts_fp8_weights_at_their_dequantized_size(fp8_model, tiny_models):
+    from mop_ray.plan import plan_stages
 
-    src = tmp_path / "m"
-    shutil.copytree(tiny_models["olmoe"], src)
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    del index["weight_map"]["model.layers.1.mlp.experts.5.up_proj.weight"]
-    (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(MopError, match="layer 1 expert 5 has tensors"):
-        Checkpoint(src)
+    fp8, ref = Checkpoint(fp8_model), Checkpoint(tiny_models["deepseek_v3"])  # ref: the same model in fp32
+    expert_elems = sum(t.nbytes // 4 for n, t in ref.layer_tensors(1).items() if ".experts." in n)
+    assert fp8.layer_bytes[1] < fp8.resident_layer_bytes[1] == ref.layer_bytes[1] - 2 * expert_elems  # 4 -> 2 bytes
+    decoder = sum(fp8.resident_layer_bytes[i] for i in range(fp8.num_layers))  # not the MTP layer
+    assert sum(s.weight_bytes for s in plan_stages(fp8, 2)) == decoder + fp8.tensors["model.embed_tokens.weight"].nbytes

@@ -3,12 +3,15 @@
 transformers 5.x keeps routed experts fused in memory (``mlp.experts.gate_up_proj [E, 2I, H]`` =
 cat(gate, up) per expert, ``mlp.experts.down_proj [E, H, I]``) while checkpoints store them per expert
 (``experts.{e}.gate_proj/up_proj/down_proj`` or Mixtral's ``w1/w3/w2`` under ``block_sparse_moe``);
-this module does the stacking the library's own loader does.
+this module does the stacking the library's own loader does. Block-FP8 weights (DeepSeek-V3's release:
+float8_e4m3fn + ``weight_scale_inv`` per 128x128 block) are dequantized to the layer's compute dtype for
+calibration; the writer still copies them verbatim.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from contextlib import ExitStack
 
 import torch
@@ -35,34 +38,67 @@ def hf_config(ckpt: Checkpoint, attn_implementation: str = "sdpa", experts_imple
     return cfg
 
 
-def layer_state_dict(ckpt: Checkpoint, i: int) -> dict[str, torch.Tensor]:
-    """Module-named tensors of decoder layer i, experts stacked into the fused layout."""
+SCALE_SUFFIX = "weight_scale_inv"
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Block-FP8 weight [out, in] times its per-block scale [ceil(out/b0), ceil(in/b1)] (DeepSeek-V3 format)."""
+    out, inp = weight.shape
+    rows = -(-out // block[0])
+    cols = -(-inp // block[1])
+    if tuple(scale_inv.shape) != (rows, cols):
+        raise MopError(f"FP8 weight {tuple(weight.shape)} with {block[0]}x{block[1]} blocks needs a [{rows}, {cols}] "
+                       f"weight_scale_inv, found {list(scale_inv.shape)}")
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:out].repeat_interleave(block[1], 1)[:, :inp]
+    return (weight.float() * scale).to(dtype)
+
+
+def _read_layer(ckpt: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors; block-FP8 weights come back dequantized (their scales consumed)."""
     from safetensors import safe_open
 
-    fam = ckpt.family
-    prefix = fam.layer_prefix(i)
-    names = sorted(ckpt.layer_tensors(i))
-    if not names:
-        raise MopError(f"{ckpt.path}: no tensors for layer {i} (expected names starting with {prefix!r})")
-    if any(n.endswith("weight_scale_inv") for n in names):
-        raise MopError(f"{ckpt.path}: layer {i} is FP8 block-quantised; calibration on FP8 layers is not supported yet")
-    gate_n, up_n, down_n = fam.expert_projs
-    per_expert = re.compile(rf"^{re.escape(fam.moe_module)}\.experts\.(\d+)\.({gate_n}|{up_n}|{down_n})\.weight$")
-    sd: dict[str, torch.Tensor] = {}
-    experts: dict[int, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         handles = {}
         for name in names:
             info = ckpt.tensors[name]
             f = handles.get(info.path) or handles.setdefault(info.path, stack.enter_context(safe_open(info.path, "pt")))
-            tensor = f.get_tensor(name)
-            local = name[len(prefix):]
-            if m := per_expert.match(local):
-                experts.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
-                continue
-            if local.startswith(fam.moe_module + "."):
-                local = "mlp." + local[len(fam.moe_module) + 1:]
-            sd[local] = tensor
+            out[name] = f.get_tensor(name)
+    scales = [n for n in out if n.endswith(SCALE_SUFFIX)]
+    if scales:
+        qc = ckpt.config.get("quantization_config") or {}
+        block = tuple(qc.get("weight_block_size") or (128, 128))
+        plain = [t.dtype for n, t in out.items() if t.is_floating_point() and t.element_size() > 1
+                 and not n.endswith(SCALE_SUFFIX)]
+        # the layer's own compute dtype: most of its unquantised tensors (norms, router: bf16 in DeepSeek-V3)
+        dtype = Counter(plain).most_common(1)[0][0] if plain else torch.bfloat16
+        for s in scales:
+            w = s[: -len(SCALE_SUFFIX)] + "weight"
+            if w not in out:
+                raise MopError(f"{ckpt.path}: {s} has no weight {w}")
+            out[w] = dequantize_fp8(out[w], out.pop(s), block, dtype)
+    return out
+
+
+def layer_state_dict(ckpt: Checkpoint, i: int) -> dict[str, torch.Tensor]:
+    """Module-named tensors of decoder layer i, experts stacked into the fused layout, FP8 dequantized."""
+    fam = ckpt.family
+    prefix = fam.layer_prefix(i)
+    names = sorted(ckpt.layer_tensors(i))
+    if not names:
+        raise MopError(f"{ckpt.path}: no tensors for layer {i} (expected names starting with {prefix!r})")
+    gate_n, up_n, down_n = fam.expert_projs
+    per_expert = re.compile(rf"^{re.escape(fam.moe_module)}\.experts\.(\d+)\.({gate_n}|{up_n}|{down_n})\.weight$")
+    sd: dict[str, torch.Tensor] = {}
+    experts: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in _read_layer(ckpt, names).items():
+        local = name[len(prefix):]
+        if m := per_expert.match(local):
+            experts.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
+            continue
+        if local.startswith(fam.moe_module + "."):
+            local = "mlp." + local[len(fam.moe_module) + 1:]
+        sd[local] = tensor
     if experts:
         n = ckpt.experts_in(i)
         if sorted(experts) != list(range(n)) or any(len(v) != 3 for v in experts.values()):

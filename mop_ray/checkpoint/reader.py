@@ -172,6 +172,17 @@ class Checkpoint(ModelFacts):
                 sizes[layer] += t.nbytes
         return dict(sizes)
 
+    @cached_property
+    def resident_layer_bytes(self) -> dict[int, int]:
+        """Bytes of each layer once loaded for calibration: FP8 weights dequantized to 2 bytes, scales consumed."""
+        sizes: dict[int, int] = defaultdict(int)
+        for name, t in self.tensors.items():
+            layer = self.layer_of(name)
+            if layer is None or name.endswith("weight_scale_inv"):
+                continue
+            sizes[layer] += t.nbytes * 2 // t.itemsize if t.dtype.startswith("F8") else t.nbytes
+        return dict(sizes)
+
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
