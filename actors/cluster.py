@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
@@ -16,6 +17,7 @@ def connect(address: str | None = None) -> None:
     """
     if ray.is_initialized():
         return
+    check_reachable(address)
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
@@ -25,6 +27,38 @@ def connect(address: str | None = None) -> None:
             ray.init(include_dashboard=False, log_to_driver=True)
     except ConnectionError as e:
         raise MopError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
+
+
+def check_reachable(address: str | None = None, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when ``--address``/``RAY_ADDRESS`` names a host:port nobody listens on.
+
+    ``ray.init(address=...)`` retries an unreachable GCS for minutes (about 40 s per try, many tries) before
+    it gives up; a TCP connect answers at once (refused) or within ``timeout_s`` (filtered/unroutable).
+    ``auto``, ``local`` and ``http(s)://`` addresses are left to Ray.
+    """
+    if ray.is_initialized():
+        return
+    given = bool(address)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return
+    target = address.strip()
+    if target in ("auto", "local") or target.startswith(("http://", "https://")):
+        return
+    target = target.removeprefix("ray://").rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # no explicit port: let Ray parse it
+    host = host.strip("[]") or "127.0.0.1"
+    client = address.strip().startswith("ray://")
+    expected = ("the Ray client server of a running head (ray://HOST:10001)" if client else
+                "the GCS address of a running head (HOST:PORT; 6379 unless `ray start --head --port` chose another)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = f"no answer within {timeout_s:g}s" if isinstance(e, socket.timeout) else (e.strerror or type(e).__name__).lower()
+        label = f"--address {address}" if given else f"RAY_ADDRESS={address}"
+        raise MopError(f"{label}: no Ray cluster at {host}:{port} ({reason}); expected {expected}") from None
 
 
 def cluster_gpus() -> int:
