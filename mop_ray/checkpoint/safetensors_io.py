@@ -106,7 +106,7 @@ class OutTensor:
         return sum(p[2] for p in self.pieces)
 
 
-def _layout(tensors: list[OutTensor], metadata: dict[str, str]) -> tuple[bytes, list[OutTensor]]:
+def header_layout(tensors: list[OutTensor], metadata: dict[str, str]) -> tuple[bytes, list[OutTensor]]:
     """Header bytes and the data order. Larger itemsizes first keeps every tensor aligned to its itemsize."""
     order = sorted(tensors, key=lambda t: (-DTYPE_SIZES[t.dtype], t.name))
     header: dict = {"__metadata__": metadata}
@@ -123,7 +123,7 @@ def write_shard(path: str | os.PathLike, tensors: list[OutTensor], metadata: dic
     """Stream ``tensors`` into a new safetensors file by copying their source byte ranges; return its sha256."""
     import hashlib
 
-    header, order = _layout(tensors, metadata or {"format": "pt"})
+    header, order = header_layout(tensors, metadata or {"format": "pt"})
     buf = bytearray(COPY_CHUNK)
     view = memoryview(buf)
     handles: dict[Path, object] = {}

@@ -1,0 +1,915 @@
+"""End-to-end speed of the real mop-ray job on one machine, against measured hardware floors.
+
+    python benchmarks/speed.py --model /data/mixtral-2l --keep 4 --out-json mixtral.json          (GPU)
+    python benchmarks/speed.py --model /tmp/mx-tiny --keep 4 --tokens 4096 --seq-len 256 --sample 2048 --device cpu
+
+One run does, in order:
+(a) floors: a large matmul's TFLOP/s on the device in the job's compute dtype (in a child process, so the
+    driver never holds GPU memory); the disk's read GB/s over the checkpoint's own shards after dropping them
+    from the page cache (fsync + ``posix_fadvise(DONTNEED)`` per file; ``mincore`` reports how much was still
+    resident, so "cache dropped" is measured, not assumed); the disk's write GB/s (fsync'ed) in the work dir.
+(b) the job: ``actors.coordinator.PruneJob`` + ``run`` (method ``mop`` by default) on the checkpoint, once per
+    ``--gpus N`` value with N pipeline stages (one per GPU, as the coordinator places them: a PACK placement
+    group of one ``{"GPU": 1}`` bundle per stage when the cluster has that many GPUs). The page cache of the
+    shards is dropped before each run so the stages read from disk. Collected: the coordinator's per-phase
+    timings (``run()``'s return value and ``pruning.json``'s ``timings``), tokens/s, peak GPU memory
+    (``torch.cuda.max_memory_allocated`` in every stage actor and selection task, plus ``nvidia-smi`` polling
+    for the whole device), peak host memory (RSS and PSS of the driver, Ray's workers and Ray's own
+    processes, polled from /proc and summed).
+(c) per phase, ``time / max(compute floor, read floor, write floor)``, formulas below.
+(d) ``--enu-compare``: ``benchmarks/enu_speed.py``'s comparison (all experts once = floor, mop-ray's set
+    scorer, NAEE's masked forward per candidate set) on the first MoE layer of this checkpoint, with that
+    layer's real weights and its recorded calibration sample as inputs (softmax routers without groups only).
+
+Results: JSON to ``--out-json``, a markdown table to stdout.
+
+How the numbers are obtained without changing mop-ray: the coordinator's stage-actor class and selection
+task are swapped, in the driver, for thin subclasses/wrappers (``BenchShard``, ``bench_select``) that time
+their parent's methods and write ``torch.cuda.max_memory_allocated`` and the process's VmHWM to
+``<run_dir>/bench/*.json``; the code that runs is mop-ray's own. If the coordinator's names change, the
+benchmark still runs and reports GPU memory from nvidia-smi only ("instrumented": false).
+
+Compute floors (FLOPs that a phase cannot avoid; a multiply-add is 2 FLOPs; T calibration tokens in blocks of
+L, S sampled tokens per MoE layer; parameters P are counted from the checkpoint's own tensor shapes):
+  every decoder layer:   2·T·P_attn + causal attention 2·T·n_h·(d_qk + d_v)·(L+1)/2
+      Mixtral:      P_attn = H·n_h·d + 2·H·n_kv·d + n_h·d·H,  d = d_qk = d_v = H/n_h   (GQA shares K/V, not FLOPs)
+      DeepSeek-V3:  P_attn = H·q_lora + q_lora·n_h·(d_nope+d_rope) + H·(kv_lora+d_rope) + kv_lora·n_h·(d_nope+d_v)
+                             + n_h·d_v·H,  d_qk = d_nope + d_rope = 192, d_v = 128   (MLA as transformers runs it)
+  dense layer (DeepSeek-V3's first_k_dense_replace):  + 2·T·3·H·I_dense
+  MoE layer, observe:    + 2·T·E·3·H·I_moe  (the observer runs every routed expert on every token)
+                         + 2·T·E·H (router) + 2·T·3·H·I_shared (DeepSeek-V3 shared expert, I_shared = I_moe)
+      The block's own top-k forward (2·T·k·3·H·I_moe) is not in the floor: its output could be assembled from
+      the all-experts outputs. mop-ray runs it separately, so the ratio includes it ((E+k)/E = 1.25 for Mixtral).
+      Mixtral-8x7B, per token and MoE layer: 2·(8·3·4096·14336 + 8·4096 + 41.9M) + 16.8M scores = 2.92 GFLOP.
+      DeepSeek-V3, per token and MoE layer: 2·(256·3·7168·2048 + 3·7168·2048 + 256·7168 + 187.1M) + 84M scores
+      = 23.1 GFLOP; per dense layer 2·(3·7168·18432 + 187.1M) + 84M = 1.25 GFLOP (L = 2048).
+  select, methods that recompute experts (mop, gvp, enu, cprune: ``needs_weights``): per MoE layer every
+      expert on the S sampled tokens 2·S·(E·3·H·I_moe + P_shared) + the products 2·S·(E + c²)·H, c = candidate
+      experts per token (E under DeepSeek groups or E <= 32). Record-only methods (reap, frequency, ...): 0.
+  calibrate (tokenisation) and write (byte copies) have no compute floor.
+Read floors (bytes / measured read GB/s): observe: every decoder layer's tensors + the embedding (what the
+  stages load); select: the records each task reads (sample + stats Parquet) + for ``needs_weights`` methods
+  the MoE block's tensors; write: the output's bytes (each read once from the source).
+Write floor (bytes / measured write GB/s): write: the output's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+for _k, _v in (("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"),
+               ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_k, _v)
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+GB = 1e9
+
+
+# ===================================================================================== floors: page cache, disk
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_fraction(path: Path) -> float | None:
+    """Fraction of the file's pages in the page cache (mincore on a fresh mapping); None if unavailable."""
+    size = path.stat().st_size
+    if size == 0:
+        return 1.0
+    try:
+        import numpy as np
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                vec = (ctypes.c_ubyte * ((size + PAGE - 1) // PAGE))()
+                if libc.mincore(addr, size, vec) != 0:
+                    return None
+                return float((np.frombuffer(vec, dtype=np.uint8) & 1).mean())
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        return None
+
+
+def drop_cache(paths: list[Path]) -> dict:
+    """fsync + POSIX_FADV_DONTNEED per file; -> {"resident_before", "resident_after"} (byte-weighted fractions)."""
+    total = sum(p.stat().st_size for p in paths) or 1
+
+    def resident():
+        fr = [(resident_fraction(p), p.stat().st_size) for p in paths]
+        return None if any(f is None for f, _ in fr) else sum(f * s for f, s in fr) / total
+
+    before = resident()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            try:
+                os.fsync(fd)  # dirty pages cannot be dropped
+            except OSError:
+                pass
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    after = resident()
+    return {"resident_before": before, "resident_after": after,
+            "dropped": None if after is None else after < 0.05}
+
+
+def read_floor(paths: list[Path], cap_bytes: int, threads: int, chunk: int = 64 << 20) -> dict:
+    """Cold sequential read of (up to cap_bytes of) the files with ``threads`` readers; GB/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = drop_cache(paths)
+    jobs, planned = [], 0
+    for p in paths:
+        size = p.stat().st_size
+        for off in range(0, size, chunk):
+            if cap_bytes and planned >= cap_bytes:
+                break
+            n = min(chunk, size - off)
+            jobs.append((p, off, n))
+            planned += n
+    local = threading.local()
+
+    def read(job):
+        p, off, n = job
+        buf = getattr(local, "buf", None)
+        if buf is None or len(buf) < chunk:
+            buf = local.buf = bytearray(chunk)
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [memoryview(buf)[:n]], off)
+        finally:
+            os.close(fd)
+        return got
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        nbytes = sum(pool.map(read, jobs))
+    seconds = time.perf_counter() - t0
+    return {"bytes": nbytes, "seconds": round(seconds, 3), "gb_per_s": round(nbytes / GB / max(seconds, 1e-9), 3),
+            "threads": threads, "cache_dropped": cache["dropped"], "resident_before_drop": cache["resident_before"],
+            "resident_after_drop": cache["resident_after"]}
+
+
+def write_floor(directory: Path, nbytes: int, chunk: int = 64 << 20) -> dict:
+    """fsync'ed sequential write of nbytes into directory; GB/s. The file is removed."""
+    block = os.urandom(min(chunk, max(nbytes, 1)))
+    path = directory / ".speed-write-probe"
+    t0 = time.perf_counter()
+    written = 0
+    with open(path, "wb") as f:
+        while written < nbytes:
+            n = min(len(block), nbytes - written)
+            f.write(memoryview(block)[:n])
+            written += n
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return {"bytes": written, "seconds": round(seconds, 3), "gb_per_s": round(written / GB / max(seconds, 1e-9), 3)}
+
+
+# ===================================================================================== floors: compute (child process)
+def matmul_probe(device: str, dtype: str, n: int, min_seconds: float) -> dict:
+    import torch
+
+    dt = getattr(torch, dtype)
+    dev = torch.device(device)
+    a = torch.randn(n, n, device=dev, dtype=dt)
+    b = torch.randn(n, n, device=dev, dtype=dt)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if iters >= 3 and iters % 3 == 0:
+            sync()
+            if time.perf_counter() - t0 >= min_seconds:
+                break
+    seconds = time.perf_counter() - t0
+    return {"device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "dtype": dtype, "n": n, "iters": iters, "seconds": round(seconds, 3),
+            "tflops": round(2 * n ** 3 * iters / seconds / 1e12, 3)}
+
+
+def child(args: list[str], timeout: int = 1200) -> dict:
+    """Run this file with ``args`` in a fresh interpreter and return the JSON it prints last."""
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve())] + args, capture_output=True, text=True,
+                         timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:2])} failed (exit {res.returncode}): {res.stderr.strip()[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ===================================================================================== pollers
+def _proc_children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _mem_kb(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in kB from smaps_rollup (PSS splits shared pages such as libtorch and the object store)."""
+    try:
+        text = open(f"/proc/{pid}/smaps_rollup").read()
+        rss = int(re.search(r"^Rss:\s+(\d+)", text, re.M).group(1))
+        pss = int(re.search(r"^Pss:\s+(\d+)", text, re.M).group(1))
+        return rss, pss
+    except (OSError, AttributeError):
+        try:
+            rss = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{pid}/status").read()).group(1))
+            return rss, rss
+        except (OSError, AttributeError):
+            return 0, 0
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class HostMemory(threading.Thread):
+    """Polls the driver, its descendants (local Ray: gcs, raylet, workers) and any ``ray::`` process of this
+    user; keeps the peak of the summed RSS and PSS per group (driver, Ray workers, Ray system) and in total."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval, self.stop_event = interval, threading.Event()
+        self.peak = {k: {"rss": 0, "pss": 0} for k in ("driver", "ray_workers", "ray_system", "total")}
+        self.samples = 0
+
+    def sample(self) -> None:
+        me, uid = os.getpid(), os.getuid()
+        kids = _proc_children()
+        tree, todo = set(), [me]
+        while todo:
+            p = todo.pop()
+            if p not in tree:
+                tree.add(p)
+                todo += kids.get(p, [])
+        for p in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+            if p not in tree:
+                try:
+                    if os.stat(f"/proc/{p}").st_uid == uid and _cmdline(p).startswith("ray::"):
+                        tree.add(p)
+                except OSError:
+                    pass
+        now = {k: {"rss": 0, "pss": 0} for k in self.peak}
+        for p in tree:
+            rss, pss = _mem_kb(p)
+            group = "driver" if p == me else "ray_workers" if _cmdline(p).startswith("ray::") else "ray_system"
+            for g in (group, "total"):
+                now[g]["rss"] += rss * 1024
+                now[g]["pss"] += pss * 1024
+        for g, v in now.items():
+            for k in v:
+                self.peak[g][k] = max(self.peak[g][k], v[k])
+        self.samples += 1
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.sample()
+            self.stop_event.wait(self.interval)
+
+    def stop(self) -> dict:
+        self.stop_event.set()
+        self.join()
+        return {"peak_bytes": self.peak, "samples": self.samples, "interval_s": self.interval}
+
+
+class GpuMemory(threading.Thread):
+    """nvidia-smi memory.used per GPU (whole device: every process, CUDA contexts and allocator caches)."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval, self.stop_event = interval, threading.Event()
+        self.peak_mib: dict[str, int] = {}
+        self.available = shutil.which("nvidia-smi") is not None
+
+    def run(self) -> None:
+        while self.available and not self.stop_event.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                for line in out.strip().splitlines():
+                    idx, used = (s.strip() for s in line.split(","))
+                    self.peak_mib[idx] = max(self.peak_mib.get(idx, 0), int(float(used)))
+            except (OSError, ValueError, subprocess.SubprocessError):
+                pass
+            self.stop_event.wait(self.interval)
+
+    def stop(self) -> dict | None:
+        self.stop_event.set()
+        if self.is_alive():
+            self.join()
+        return {"peak_mib_per_gpu": self.peak_mib} if self.available else None
+
+
+# ===================================================================================== instrumentation of the job
+def _vm_hwm() -> int:
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return 0
+
+
+def _bench_write(run_dir, name: str, data: dict) -> None:
+    d = Path(run_dir) / "bench"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_text(json.dumps(data, indent=2))
+
+
+def make_bench_shard(base):
+    """A subclass of the coordinator's stage actor that times load/forward/finish and records peak memory."""
+
+    class BenchShard(base):
+        def __init__(self, *args, **kwargs):
+            import torch
+
+            t0 = time.perf_counter()
+            super().__init__(*args, **kwargs)
+            cuda = self.device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize()
+            self._bench = {"layers": list(self.layer_ids), "device": str(self.device), "load_s": time.perf_counter() - t0,
+                           "forward_s": 0.0, "micro_batches": 0,
+                           "weights_gpu_bytes": torch.cuda.memory_allocated() if cuda else None}
+
+        def forward(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = super().forward(*args, **kwargs)  # returns a CPU tensor: the device work is finished
+            self._bench["forward_s"] += time.perf_counter() - t0
+            self._bench["micro_batches"] += 1
+            return out
+
+        def finish(self, *args, **kwargs):
+            import torch
+
+            t0 = time.perf_counter()
+            out = super().finish(*args, **kwargs)
+            self._bench["finish_s"] = time.perf_counter() - t0
+            cuda = self.device.type == "cuda"
+            self._bench["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+            self._bench["cuda_reserved_peak_bytes"] = torch.cuda.max_memory_reserved() if cuda else None
+            self._bench["vm_hwm_bytes"] = _vm_hwm()
+            _bench_write(self.run_dir, f"stage-{self.layer_ids[0]:03d}.json", self._bench)
+            return out
+
+    BenchShard.__name__ = BenchShard.__qualname__ = "BenchShard"
+    return BenchShard
+
+
+def bench_select(*args, **kwargs):
+    """The coordinator's select task body (``actors.tasks.select_layer``) timed, with its peak memory recorded."""
+    import torch
+
+    from actors.tasks import select_layer
+
+    run_dir, ctx = args[0], args[1]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    info = {"layer": ctx.layer, "load_s": 0.0}
+    orig = getattr(ctx, "moe_block", None)
+    if orig is not None:  # time the layer load (the read part of selection) separately
+        def timed_moe_block(*a, **k):
+            t = time.perf_counter()
+            res = orig(*a, **k)
+            info["load_s"] += time.perf_counter() - t
+            return res
+        ctx.moe_block = timed_moe_block
+    t0 = time.perf_counter()
+    out = select_layer(*args, **kwargs)
+    if cuda:
+        torch.cuda.synchronize()
+    info.update({"seconds": time.perf_counter() - t0, "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+                 "vm_hwm_bytes": _vm_hwm(), "pid": os.getpid()})
+    _bench_write(run_dir, f"select-{ctx.layer:03d}.json", info)
+    return out
+
+
+def instrument() -> bool:
+    import ray
+
+    import actors.coordinator as coord
+
+    if not (hasattr(coord, "LayerShardWorker") and hasattr(coord, "select_layer_task")):
+        return False
+    coord.LayerShardWorker = make_bench_shard(coord.LayerShardWorker)
+    coord.select_layer_task = ray.remote(max_retries=3)(bench_select)
+    return True
+
+
+# ===================================================================================== model costs (floors)
+def model_costs(ckpt) -> dict:
+    """Parameter counts and bytes per layer, by role, from the checkpoint's tensor shapes."""
+    fam, cfg = ckpt.family, ckpt.config
+    n_layers, moe = ckpt.num_layers, set(ckpt.moe_layers)
+    layers = {i: {"attn": 0, "dense": 0, "experts": 0, "shared": 0, "router": 0, "bytes": 0, "moe_bytes": 0}
+              for i in range(n_layers)}
+    embed_bytes = 0
+    for name, t in ckpt.tensors.items():
+        i = ckpt.layer_of(name)
+        if i is None:
+            if "embed_tokens" in name:
+                embed_bytes += t.nbytes
+            continue
+        if i >= n_layers:  # DeepSeek MTP layers: dropped by the writer, never run
+            continue
+        row = layers[i]
+        row["bytes"] += t.nbytes
+        local = name[len(fam.layer_prefix(i)):]
+        in_moe = i in moe and local.startswith(fam.moe_module + ".")
+        if in_moe:
+            row["moe_bytes"] += t.nbytes
+        if len(t.shape) != 2 or name.endswith("_scale_inv"):
+            continue
+        numel = t.shape[0] * t.shape[1]
+        if fam.expert_re.match(name):
+            row["experts"] += numel
+        elif fam.router_re.match(name):
+            row["router"] += numel
+        elif any(f"{fam.moe_module}.{s}." in name for s in fam.shared_modules):
+            row["shared"] += numel
+        elif ".self_attn." in name:
+            row["attn"] += numel
+        else:
+            row["dense"] += numel
+    nh = int(cfg["num_attention_heads"])
+    if cfg.get("qk_nope_head_dim") is not None:  # MLA (DeepSeek)
+        d_qk = int(cfg["qk_nope_head_dim"]) + int(cfg["qk_rope_head_dim"])
+        d_v = int(cfg.get("v_head_dim") or d_qk)
+    else:
+        d_qk = d_v = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // nh)
+    return {"layers": layers, "embed_bytes": embed_bytes, "n_heads": nh, "d_qk": d_qk, "d_v": d_v,
+            "hidden": int(cfg["hidden_size"]), "experts": ckpt.num_experts, "top_k": ckpt.top_k, "moe_layers": sorted(moe)}
+
+
+def observe_flops(costs: dict, tokens: int, seq_len: int, layers=None) -> float:
+    """The observe compute floor of ``layers`` (default: all) for ``tokens`` tokens in blocks of ``seq_len``."""
+    per_token = 0.0
+    scores = 2 * costs["n_heads"] * (costs["d_qk"] + costs["d_v"]) * (seq_len + 1) / 2
+    for i, row in costs["layers"].items():
+        if layers is not None and i not in layers:
+            continue
+        per_token += 2 * row["attn"] + scores + 2 * row["dense"]
+        if i in costs["moe_layers"]:
+            per_token += 2 * row["experts"] + 2 * row["router"] + 2 * row["shared"]  # all experts, every token
+    return per_token * tokens
+
+
+def select_flops(costs: dict, ckpt, method, sample_rows: dict[int, int], keep: int) -> float:
+    if not method.needs_weights:
+        return 0.0
+    from mop_ray.methods.products import candidate_count
+
+    spec = ckpt.family.router_spec(ckpt.config)
+    c = candidate_count(spec, costs["experts"], keep)
+    total = 0.0
+    for i in costs["moe_layers"]:
+        s, row = sample_rows.get(i, 0), costs["layers"][i]
+        total += 2 * s * (row["experts"] + row["shared"]) + 2 * s * (costs["experts"] + c * c) * costs["hidden"]
+    return total
+
+
+def dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(f.stat().st_size for f in path.rglob(pattern) if f.is_file()) if path.exists() else 0
+
+
+# ===================================================================================== enu comparison (child)
+def enu_compare(model: str, run_dir: str, layer: int, keep: int, device: str) -> dict:
+    import importlib.util
+
+    import torch
+
+    from mop_ray.arch.layer import build_layer
+    from mop_ray.checkpoint.reader import Checkpoint
+    from mop_ray.methods.enu import search
+    from mop_ray.methods.products import expert_products
+    from mop_ray.observe.records import read_sample
+
+    spec_ = importlib.util.spec_from_file_location("enu_speed", REPO / "benchmarks" / "enu_speed.py")
+    enu_speed = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(enu_speed)
+
+    dev = torch.device(device)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # as enu_speed.py
+    ckpt = Checkpoint(model)
+    spec = ckpt.family.router_spec(ckpt.config)
+    moe = build_layer(ckpt, layer, device=dev, dtype=dt).mlp
+    n = ckpt.num_experts
+    sample = read_sample(run_dir, layer)
+    x = torch.tensor(sample.x, device=dev, dtype=dt)
+    tokens = x.shape[0]
+    logits = torch.nn.functional.linear(x.float(), moe.gate.weight.float())
+    z = enu_speed.moe_output(moe, spec, x, logits)
+    batch = torch.arange(tokens, device=dev) * 16 // tokens  # 16 NAEE batches
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def floor():
+        with torch.no_grad():
+            for s in range(0, tokens, 32768):
+                for e in range(n):
+                    enu_speed.expert_forward(moe.experts, x[s:s + 32768], e)
+
+    def fast():
+        prods = expert_products(moe, ckpt.family, spec, x, z, logits, min_kept=keep)
+        return search(prods, batch, n, keep)
+
+    def timed(fn, repeat=1):
+        fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(repeat):
+            res = fn()
+        sync()
+        return (time.perf_counter() - t) / repeat, res
+
+    t_floor, _ = timed(floor, 3)
+    t_fast, (kept_fast, details) = timed(fast, 2)
+    t_masked, (kept_masked, loss_masked) = timed(lambda: enu_speed.masked_enumeration(moe, spec, x, z, logits, batch, keep))
+    return {"layer": layer, "tokens": tokens, "inputs": "the layer's recorded calibration sample", "experts": n,
+            "keep": keep, "sets": details["sets_scored"], "dtype": str(dt).replace("torch.", ""),
+            "floor_s": round(t_floor, 4), "fast_s": round(t_fast, 4), "masked_s": round(t_masked, 4),
+            "fast_over_floor": round(t_fast / t_floor, 3), "masked_over_fast": round(t_masked / t_fast, 2),
+            "same_choice": kept_fast == kept_masked, "kept": kept_fast, "loss_fast": details["loss"],
+            "loss_masked": loss_masked,
+            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / GB, 2) if dev.type == "cuda" else None}
+
+
+# ===================================================================================== the benchmark
+def fmt(x, digits=2):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def environment() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
+    for pkg in ("torch", "transformers", "ray", "safetensors", "mop-ray"):
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    if shutil.which("nvidia-smi"):
+        try:
+            env["gpus"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                         capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return env
+
+
+def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, log) -> dict:
+    import ray
+
+    from actors.coordinator import PruneJob, run
+    from mop_ray.methods import get_method
+
+    method = get_method(args.method)
+    out, run_dir = work / f"pruned-s{stages}", work / f"run-s{stages}"
+    for p in (out, run_dir):
+        shutil.rmtree(p, ignore_errors=True)
+    cache = drop_cache(shards)
+    log(f"run with {stages} stage(s): page cache of the shards dropped: {cache['dropped']} "
+        f"(resident {fmt(cache['resident_before'], 3)} -> {fmt(cache['resident_after'], 3)})")
+    job = PruneJob(model=str(ckpt.path), out=str(out), method=args.method, keep=args.keep, general=args.general,
+                   calib=args.calib, tokens=args.tokens, seq_len=args.seq_len, sample=args.sample, seed=args.seed,
+                   run_dir=str(run_dir), stages=stages, micro_batch=args.micro_batch, max_shard_size=args.max_shard_size,
+                   dtype=args.dtype, overwrite=True, progress=args.progress)
+    host, gpu = HostMemory(args.poll), GpuMemory(args.poll)
+    host.start()
+    gpu.start()
+    t0 = time.perf_counter()
+    try:
+        res = run(job, log=log)
+    finally:
+        wall = time.perf_counter() - t0
+        host_peak, gpu_peak = host.stop(), gpu.stop()
+    pruning = json.loads((out / "pruning.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    timings = {**res.get("timings", {}), **{k: v for k, v in pruning.get("timings", {}).items() if k.endswith("_s")}}
+    bench = {p.name: json.loads(p.read_text()) for p in sorted((run_dir / "bench").glob("*.json"))}
+    obs = manifest["phases"].get("observe") or {}
+    sample_rows = {int(k): int(v.get("rows", 0)) for k, v in (obs.get("layers") or {}).items()}
+    tokens = int(obs.get("tokens") or 0)
+
+    # floors per phase
+    tflops, read_bw, write_bw = floors["matmul"]["tflops"] or 0, floors["read"]["gb_per_s"], floors["write"]["gb_per_s"]
+    observe_read = sum(r["bytes"] for r in costs["layers"].values()) + costs["embed_bytes"]
+    records = run_dir / "records"
+    select_read = (dir_bytes(records, "sample.parquet") if method.needs_records else 0) + dir_bytes(records, "stats.parquet")
+    if method.needs_weights:
+        select_read += sum(costs["layers"][i]["moe_bytes"] for i in costs["moe_layers"])
+    out_bytes = int(pruning.get("bytes_after") or dir_bytes(out, "*.safetensors"))
+    phases = []
+
+    def phase(name, seconds, flops=0.0, read=0, written=0):
+        if seconds is None:
+            return
+        f_compute = flops / (tflops * 1e12) if flops and tflops else None  # None: the phase has no such floor
+        f_read = read / (read_bw * GB) if read else None
+        f_write = written / (write_bw * GB) if written else None
+        floor = max(f or 0.0 for f in (f_compute, f_read, f_write))
+        rnd = lambda f: None if f is None else round(f, 4)  # noqa: E731
+        phases.append({"phase": name, "seconds": seconds, "flops": flops, "read_bytes": read, "write_bytes": written,
+                       "compute_floor_s": rnd(f_compute), "read_floor_s": rnd(f_read), "write_floor_s": rnd(f_write),
+                       "floor_s": round(floor, 4), "time_over_floor": round(seconds / floor, 2) if floor > 0 else None})
+
+    stage_info = [v for k, v in bench.items() if k.startswith("stage-")]
+    select_info = [v for k, v in bench.items() if k.startswith("select-")]
+    phase("calibrate", timings.get("calibrate_s"))
+    if "observe_s" in timings:
+        phase("observe", timings["observe_s"], observe_flops(costs, tokens, args.seq_len), observe_read)
+    if stage_info:  # the slowest stage's weight load and its forward time (stages work concurrently)
+        def stage_bytes(st):
+            return sum(costs["layers"][i]["bytes"] for i in st["layers"]) + (costs["embed_bytes"] if 0 in st["layers"] else 0)
+        st = max(stage_info, key=lambda v: v["load_s"])
+        phase(f"  observe: stage start + weight load (slowest of {len(stage_info)})", round(st["load_s"], 2),
+              read=stage_bytes(st))
+        st = max(stage_info, key=lambda v: v["forward_s"])
+        phase(f"  observe: forward passes (slowest stage, {st['micro_batches']} micro-batches)", round(st["forward_s"], 2),
+              observe_flops(costs, tokens, args.seq_len, set(st["layers"])))
+    phase("select", timings.get("select_s"), select_flops(costs, ckpt, method, sample_rows, args.keep), select_read)
+    if select_info and method.needs_weights:
+        phase(f"  select: layer loads in the {len(select_info)} tasks (sum)", round(sum(v["load_s"] for v in select_info), 2),
+              read=sum(costs["layers"][i]["moe_bytes"] for i in costs["moe_layers"]))
+    phase("write", timings.get("write_s"), 0.0, out_bytes, out_bytes)
+    top = [p for p in phases if not p["phase"].startswith(" ")]
+    accounted = sum(p["seconds"] for p in top)
+    floor_sum = sum(p["floor_s"] for p in top)
+    phases.append({"phase": "verify + driver overhead", "seconds": round(wall - accounted, 2)})
+    phases.append({"phase": "total", "seconds": round(wall, 2), "floor_s": round(floor_sum, 4),
+                   "time_over_floor": round(wall / floor_sum, 2) if floor_sum > 0 else None})
+
+    cuda_peaks = [v["cuda_peak_bytes"] for v in stage_info + select_info if v.get("cuda_peak_bytes")]
+    result = {
+        "stages": stages, "wall_s": round(wall, 2), "timings": timings, "phases": phases,
+        "tokens": tokens, "observe_tokens_per_s": round(tokens / timings["observe_s"], 1) if timings.get("observe_s") else None,
+        "stream_tokens_per_s": (round(tokens / max(v["forward_s"] for v in stage_info), 1)
+                                if stage_info and tokens else None),
+        "sample_rows": sample_rows, "output_bytes": out_bytes, "source_bytes": ckpt.total_bytes,
+        "cache_before_run": cache, "gpu_peak_torch_bytes": max(cuda_peaks) if cuda_peaks else None,
+        "gpu_nvidia_smi": gpu_peak, "host_memory": host_peak, "stage_actors": stage_info, "select_tasks": select_info,
+        "placement": obs.get("placement"), "keep_map": {str(k): v for k, v in res.get("keep_map", {}).items()},
+        "resources": ray.cluster_resources(),
+    }
+    return result
+
+
+def markdown(report: dict) -> str:
+    m, fl = report["model"], report["floors"]
+    lines = [f"## mop-ray speed: {m['family']} ({m['layers']} layers: {len(m['moe_layers'])} MoE, "
+             f"{m['experts']} experts top-{m['top_k']}; {m['bytes'] / GB:.2f} GB) on {report['device_name']}",
+             "",
+             f"Job: `{report['job']['method']}` keep {report['job']['keep']}, " + (
+                 f"{report['job']['tokens']:,} calibration tokens (blocks of {report['job']['seq_len']}), sample "
+                 f"{report['job']['sample']:,}, micro-batch {report['job']['micro_batch']}." if report["calibrated"]
+                 else "no calibration (the method needs no records)."),
+             "Floors: " + (f"matmul {fl['matmul']['dtype']} {fl['matmul']['n']}^3 **{fl['matmul']['tflops']:.2f} TFLOP/s**; "
+                           if fl["matmul"].get("tflops") else "no matmul floor needed; ") +
+             f"disk read **{fl['read']['gb_per_s']:.3f} GB/s** over {fl['read']['bytes'] / GB:.2f} GB with "
+             f"{fl['read']['threads']} threads (page cache dropped: {fl['read']['cache_dropped']}, resident before the "
+             f"read {fmt(fl['read']['resident_after_drop'], 3)}); disk write **{fl['write']['gb_per_s']:.3f} GB/s** "
+             f"(fsync'ed, {fl['write']['bytes'] / GB:.2f} GB).", ""]
+    lines += ["| stages | phase | time (s) | compute floor (s) | read floor (s) | write floor (s) | time / floor |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in report["runs"]:
+        for p in r["phases"]:
+            lines.append(f"| {r['stages']} | {p['phase']} | {fmt(float(p['seconds']))} | {fmt(p.get('compute_floor_s'), 3)} | "
+                         f"{fmt(p.get('read_floor_s'), 3)} | {fmt(p.get('write_floor_s'), 3)} | "
+                         f"{fmt(p.get('time_over_floor'))}{'x' if p.get('time_over_floor') else ''} |")
+    lines += ["", "| stages | observe tokens/s | streaming tokens/s | GPU peak, torch (GB) | GPU peak, nvidia-smi (GB) | "
+                  "host peak RSS / PSS, all processes (GB) | driver peak RSS (GB) |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["runs"]:
+        smi = r["gpu_nvidia_smi"]["peak_mib_per_gpu"] if r.get("gpu_nvidia_smi") else None
+        smi_text = " / ".join(f"{v * 2**20 / GB:.1f}" for _, v in sorted(smi.items())) if smi else "-"
+        hp = r["host_memory"]["peak_bytes"]
+        lines.append(f"| {r['stages']} | {fmt(r['observe_tokens_per_s'], 0)} | {fmt(r['stream_tokens_per_s'], 0)} | "
+                     f"{fmt(r['gpu_peak_torch_bytes'] / GB if r['gpu_peak_torch_bytes'] else None)} | {smi_text} | "
+                     f"{hp['total']['rss'] / GB:.2f} / {hp['total']['pss'] / GB:.2f} | {hp['driver']['rss'] / GB:.2f} |")
+    if report.get("enu_compare"):
+        e = report["enu_compare"]
+        if "skipped" in e:
+            lines += ["", f"Enu comparison skipped: {e['skipped']}"]
+        else:
+            lines += ["", f"Enu on layer {e['layer']} ({e['tokens']:,} recorded tokens, {e['experts']} -> {e['keep']}, "
+                          f"{e['sets']} sets, {e['dtype']}): all experts once {e['floor_s']:.3f} s, mop-ray scorer "
+                          f"{e['fast_s']:.3f} s ({e['fast_over_floor']:.2f}x the floor), masked forward per set "
+                          f"{e['masked_s']:.3f} s ({e['masked_over_fast']:.1f}x the scorer); same set: {e['same_choice']}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_matmul-probe"]:
+        print(json.dumps(matmul_probe(argv[1], argv[2], int(argv[3]), float(argv[4]))))
+        return 0
+    if argv[:1] == ["--_enu-compare"]:
+        print(json.dumps(enu_compare(argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5])))
+        return 0
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="checkpoint directory (e.g. from benchmarks/make_synthetic.py)")
+    ap.add_argument("--method", default="mop")
+    ap.add_argument("--keep", type=int, required=True)
+    ap.add_argument("--general", type=int)
+    ap.add_argument("--calib", default="default")
+    ap.add_argument("--tokens", type=int, default=128 * 2048)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--sample", type=int, default=65536)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", help="compute dtype of the stages (default: the checkpoint's)")
+    ap.add_argument("--max-shard-size", default="5GB")
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1],
+                    help="run the job once per value with that many pipeline stages (one per GPU; on CPU, CPU stages)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--address", help="an existing Ray cluster (default: a local Ray, loopback only)")
+    ap.add_argument("--work", help="where pruned outputs and run dirs go (default: <model>.speed)")
+    ap.add_argument("--out-json")
+    ap.add_argument("--enu-compare", action="store_true")
+    ap.add_argument("--matmul-size", type=int, help="n of the n x n x n floor matmul (default 8192 on GPU, 1024 on CPU)")
+    ap.add_argument("--read-floor-gb", type=float, default=8.0, help="read at most this much for the read floor (0: all)")
+    ap.add_argument("--read-threads", type=int, default=4)
+    ap.add_argument("--write-floor-gb", type=float, default=2.0, help="bytes written by the write-floor probe "
+                                                                      "(capped at the checkpoint's size)")
+    ap.add_argument("--keep-output", action="store_true", help="keep the pruned checkpoints and run dirs")
+    ap.add_argument("--progress", action="store_true", help="tqdm bars of the coordinator")
+    ap.add_argument("--poll", type=float, default=0.5, help="seconds between memory samples")
+    args = ap.parse_args(argv)
+
+    from mop_ray.checkpoint.reader import Checkpoint
+    from mop_ray.errors import MopError
+    from mop_ray.methods import get_method
+
+    def log(*a):
+        print(*a, file=sys.stderr, flush=True)
+
+    try:
+        ckpt = Checkpoint(args.model)
+        method = get_method(args.method)
+    except MopError as e:
+        print(f"speed: error: {e}", file=sys.stderr)
+        return 2
+    shards = sorted({t.path for t in ckpt.tensors.values()})
+    costs = model_costs(ckpt)
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    n_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    bad = [g for g in args.gpus if g < 1 or g > ckpt.num_layers or (device == "cuda" and not args.address and g > n_gpus)]
+    if bad:
+        print(f"speed: error: --gpus {bad}: each count must be 1..{ckpt.num_layers} (layers)"
+              + (f" and at most the {n_gpus} visible GPU(s)" if device == "cuda" else ""), file=sys.stderr)
+        return 2
+    if method.needs_weights:  # the set scorer's Gram budget (mop_ray.methods.products): refuse now, not after observe
+        from mop_ray.methods.products import candidate_count
+
+        c = candidate_count(ckpt.family.router_spec(ckpt.config), ckpt.num_experts, math.ceil(args.keep / 2))
+        if min(args.sample, args.tokens) * c * c * 8 > (8 << 30):
+            print(f"speed: error: --sample {args.sample}: {args.method}'s expert Gram needs {args.sample} x {c}^2 x 8 B "
+                  f"> 8 GiB; use --sample {(8 << 30) // (c * c * 8)} or less", file=sys.stderr)
+            return 2
+    work = Path(args.work) if args.work else Path(str(ckpt.path.absolute()) + ".speed")
+    work.mkdir(parents=True, exist_ok=True)
+    # upfront disk check: the largest pruned output (+ records) must fit next to the checkpoint
+    expert_bytes = sum(t.nbytes for n, t in ckpt.tensors.items() if ckpt.family.expert_re.match(n))
+    est_out = ckpt.total_bytes - expert_bytes + expert_bytes * args.keep // max(ckpt.num_experts, 1)
+    est_records = len(ckpt.moe_layers) * min(args.sample, args.tokens) * (2 * costs["hidden"] + ckpt.num_experts) * 4
+    free = shutil.disk_usage(work).free
+    if free < est_out + est_records + (256 << 20):
+        print(f"speed: error: {work}: the pruned output and records need ~{(est_out + est_records) / GB:.2f} GB but only "
+              f"{free / GB:.2f} GB are free", file=sys.stderr)
+        return 2
+
+    # (a) floors
+    mm_dtype = args.dtype or str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "bfloat16")
+    # CPUs without bf16 units run bf16 matmuls ~20x slower than float32: a smaller probe there
+    mm_n = args.matmul_size or (8192 if device == "cuda" else 1024 if mm_dtype == "float32" else 512)
+    if method.needs_records or method.needs_weights:
+        log(f"floors: matmul {mm_dtype} {mm_n}^3 on {device} ...")
+        matmul = child(["--_matmul-probe", device, mm_dtype, str(mm_n), "2.0" if device == "cuda" else "1.0"])
+        log(f"  {matmul['tflops']:.3f} TFLOP/s on {matmul['device']}")
+    else:  # nothing of this method has a compute floor
+        matmul = {"skipped": f"{args.method} computes nothing", "tflops": None, "device": device, "dtype": mm_dtype,
+                  "n": 0}
+    read = read_floor(shards, int(args.read_floor_gb * GB), args.read_threads)
+    log(f"  disk read {read['gb_per_s']:.3f} GB/s over {read['bytes'] / GB:.2f} GB (cache dropped: {read['cache_dropped']})")
+    write = write_floor(work, int(min(args.write_floor_gb * GB, max(ckpt.total_bytes, 64 << 20))))
+    log(f"  disk write {write['gb_per_s']:.3f} GB/s over {write['bytes'] / GB:.2f} GB (fsync)")
+    floors = {"matmul": matmul, "read": read, "write": write}
+
+    # (b) the job, once per stage count
+    import ray
+
+    if not ray.is_initialized():
+        if args.address:
+            ray.init(address=args.address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True, **({"num_gpus": 0} if device == "cpu" else {}))
+    instrumented = instrument()
+    if not instrumented:
+        log("speed: the coordinator has no LayerShardWorker/select_layer_task to wrap; GPU memory from nvidia-smi only")
+    env = environment()
+    device_name = (env.get("gpus") or ["cuda"])[0].split(",")[0] if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    report = {"environment": env, "device": device, "device_name": device_name, "instrumented": instrumented,
+              "calibrated": method.needs_records,
+              "model": {"path": str(ckpt.path), "family": ckpt.family.name, "layers": ckpt.num_layers,
+                        "moe_layers": ckpt.moe_layers, "experts": ckpt.num_experts, "top_k": ckpt.top_k,
+                        "bytes": ckpt.total_bytes, "fp8": bool((ckpt.config.get("quantization_config") or {})),
+                        "synthetic": json.loads((ckpt.path / "synthetic.json").read_text())
+                        if (ckpt.path / "synthetic.json").exists() else None},
+              "job": {k: getattr(args, k) for k in ("method", "keep", "general", "calib", "tokens", "seq_len", "sample",
+                                                     "micro_batch", "dtype", "seed")},
+              "floors": floors, "runs": []}
+    try:
+        for i, stages in enumerate(args.gpus):
+            r = one_run(args, ckpt, costs, shards, stages, floors, work, log)
+            report["runs"].append(r)
+            if i == 0 and args.enu_compare:
+                report["enu_compare"] = run_enu_compare(args, ckpt, work / f"run-s{stages}", device, log)
+            if not args.keep_output:
+                shutil.rmtree(work / f"pruned-s{stages}", ignore_errors=True)
+                shutil.rmtree(work / f"run-s{stages}", ignore_errors=True)
+    except MopError as e:
+        print(f"speed: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if args.out_json and report["runs"]:
+            Path(args.out_json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if not args.keep_output and not any(work.iterdir()):
+            work.rmdir()
+    print(markdown(report))
+    if args.out_json:
+        log(f"wrote {args.out_json}")
+    return 0
+
+
+def run_enu_compare(args, ckpt, run_dir: Path, device: str, log) -> dict:
+    spec = ckpt.family.router_spec(ckpt.config)
+    if spec.scoring != "softmax" or (spec.group_score is not None and spec.n_group > 1):
+        return {"skipped": f"{ckpt.family.name}: enu_speed.py's masked forward models ungrouped softmax routers only"}
+    if math.comb(ckpt.num_experts, args.keep) > 5000:
+        return {"skipped": f"C({ckpt.num_experts}, {args.keep}) sets is too many for a masked forward per set"}
+    layer = ckpt.moe_layers[0]
+    log(f"enu comparison on layer {layer} ...")
+    try:
+        return child(["--_enu-compare", str(ckpt.path), str(run_dir), str(layer), str(args.keep), device])
+    except (RuntimeError, subprocess.SubprocessError) as e:
+        return {"skipped": f"failed: {e}"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
