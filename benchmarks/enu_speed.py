@@ -59,6 +59,17 @@ def sync():
         torch.cuda.synchronize()
 
 
+def timed(fn, repeat=1):
+    """(mean seconds over ``repeat`` calls after one warm-up call, the last result), GPU-synchronised."""
+    fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        res = fn()
+    sync()
+    return (time.perf_counter() - t) / repeat, res
+
+
 @torch.no_grad()
 def moe_output(moe, spec, x, logits, keep=None, chunk=32768):
     out = torch.empty_like(x)
@@ -117,15 +128,6 @@ def main() -> None:
     def fast():
         prods = expert_products(moe, NoShared(), spec, x, z, logits, min_kept=args.keep)
         return search(prods, batch, args.experts, args.keep)
-
-    def timed(fn, repeat=1):
-        fn()  # warm-up
-        sync()
-        t = time.perf_counter()
-        for _ in range(repeat):
-            res = fn()
-        sync()
-        return (time.perf_counter() - t) / repeat, res
 
     t_floor, _ = timed(floor, 3)
     t_fast, (kept_fast, details) = timed(fast, 2)

@@ -546,10 +546,6 @@ def enu_compare(model: str, run_dir: str, layer: int, keep: int, device: str) ->
     z = enu_speed.moe_output(moe, spec, x, logits)
     batch = torch.arange(tokens, device=dev) * 16 // tokens  # 16 NAEE batches
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     def floor():
         with torch.no_grad():
             for s in range(0, tokens, 32768):
@@ -560,15 +556,7 @@ def enu_compare(model: str, run_dir: str, layer: int, keep: int, device: str) ->
         prods = expert_products(moe, ckpt.family, spec, x, z, logits, min_kept=keep)
         return search(prods, batch, n, keep)
 
-    def timed(fn, repeat=1):
-        fn()
-        sync()
-        t = time.perf_counter()
-        for _ in range(repeat):
-            res = fn()
-        sync()
-        return (time.perf_counter() - t) / repeat, res
-
+    timed = enu_speed.timed
     t_floor, _ = timed(floor, 3)
     t_fast, (kept_fast, details) = timed(fast, 2)
     t_masked, (kept_masked, loss_masked) = timed(lambda: enu_speed.masked_enumeration(moe, spec, x, z, logits, batch, keep))

@@ -144,7 +144,7 @@ def plot_mop(run: Run, out: Path) -> str | None:
                 if int(lbl.get_text()) in det["specialists"]:
                     lbl.set_color("tab:red")
                     lbl.set_fontweight("bold")
-        ax.set_title(f"Ward on Spearman ranks\n(red: kept specialists)", fontsize=8)
+        ax.set_title("Ward on Spearman ranks\n(red: kept specialists)", fontsize=8)
     name = f"mop_{run.name}.png"
     fig.tight_layout()
     fig.savefig(out / name, dpi=110)
