@@ -53,8 +53,18 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     return (weight.float() * scale).to(dtype)
 
 
-def _read_layer(ckpt: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
-    """The named tensors; block-FP8 weights come back dequantized (their scales consumed)."""
+COMPUTE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def compute_dtype(ckpt: Checkpoint, names: list[str]) -> torch.dtype:
+    """The layer's own dtype: that of most of its unquantised tensors (norms, router: bf16 in DeepSeek-V3)."""
+    dtypes = [ckpt.tensors[n].dtype for n in names if not n.endswith(SCALE_SUFFIX)]
+    plain = [COMPUTE_DTYPES[d] for d in dtypes if d in COMPUTE_DTYPES]
+    return Counter(plain).most_common(1)[0][0] if plain else torch.bfloat16
+
+
+def _read(ckpt: Checkpoint, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The named tensors; block-FP8 weights come back dequantized to ``dtype`` (their scales consumed)."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
@@ -64,47 +74,62 @@ def _read_layer(ckpt: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
             info = ckpt.tensors[name]
             f = handles.get(info.path) or handles.setdefault(info.path, stack.enter_context(safe_open(info.path, "pt")))
             out[name] = f.get_tensor(name)
-    scales = [n for n in out if n.endswith(SCALE_SUFFIX)]
-    if scales:
-        qc = ckpt.config.get("quantization_config") or {}
-        block = tuple(qc.get("weight_block_size") or (128, 128))
-        plain = [t.dtype for n, t in out.items() if t.is_floating_point() and t.element_size() > 1
-                 and not n.endswith(SCALE_SUFFIX)]
-        # the layer's own compute dtype: most of its unquantised tensors (norms, router: bf16 in DeepSeek-V3)
-        dtype = Counter(plain).most_common(1)[0][0] if plain else torch.bfloat16
-        for s in scales:
-            w = s[: -len(SCALE_SUFFIX)] + "weight"
-            if w not in out:
-                raise MopError(f"{ckpt.path}: {s} has no weight {w}")
-            out[w] = dequantize_fp8(out[w], out.pop(s), block, dtype)
+    block = tuple((ckpt.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+    for scale in [n for n in out if n.endswith(SCALE_SUFFIX)]:
+        w = scale[: -len(SCALE_SUFFIX)] + "weight"
+        if w not in out:
+            raise MopError(f"{ckpt.path}: {scale} has no weight {w}")
+        out[w] = dequantize_fp8(out[w], out.pop(scale), block, dtype)
     return out
 
 
 def layer_state_dict(ckpt: Checkpoint, i: int) -> dict[str, torch.Tensor]:
-    """Module-named tensors of decoder layer i, experts stacked into the fused layout, FP8 dequantized."""
+    """Module-named tensors of decoder layer i, experts stacked into the fused layout, FP8 dequantized.
+
+    Experts are read one at a time straight into the preallocated fused tensors, so host memory peaks at
+    about one copy of the layer (plus one expert), not two.
+    """
     fam = ckpt.family
     prefix = fam.layer_prefix(i)
     names = sorted(ckpt.layer_tensors(i))
     if not names:
         raise MopError(f"{ckpt.path}: no tensors for layer {i} (expected names starting with {prefix!r})")
+    dtype = compute_dtype(ckpt, names)
     gate_n, up_n, down_n = fam.expert_projs
-    per_expert = re.compile(rf"^{re.escape(fam.moe_module)}\.experts\.(\d+)\.({gate_n}|{up_n}|{down_n})\.weight$")
+    per_expert = re.compile(rf"^{re.escape(fam.moe_module)}\.experts\.(\d+)\.({gate_n}|{up_n}|{down_n})\.weight(_scale_inv)?$")
+    by_expert: dict[int, list[str]] = {}
+    other = []
+    for name in names:
+        if m := per_expert.match(name[len(prefix):]):
+            by_expert.setdefault(int(m.group(1)), []).append(name)
+        else:
+            other.append(name)
     sd: dict[str, torch.Tensor] = {}
-    experts: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in _read_layer(ckpt, names).items():
+    for name, tensor in _read(ckpt, other, dtype).items():
         local = name[len(prefix):]
-        if m := per_expert.match(local):
-            experts.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
-            continue
         if local.startswith(fam.moe_module + "."):
             local = "mlp." + local[len(fam.moe_module) + 1:]
         sd[local] = tensor
-    if experts:
-        n = ckpt.experts_in(i)
-        if sorted(experts) != list(range(n)) or any(len(v) != 3 for v in experts.values()):
-            raise MopError(f"{ckpt.path}: layer {i} has an incomplete expert set (expected {n} experts x 3 projections)")
-        sd["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([experts[e][gate_n], experts[e][up_n]]) for e in range(n)])  # [E, 2I, H]
-        sd["mlp.experts.down_proj"] = torch.stack([experts[e][down_n] for e in range(n)])  # [E, H, I]
+    if not by_expert:
+        return sd
+    n = ckpt.experts_in(i)
+    if sorted(by_expert) != list(range(n)):
+        raise MopError(f"{ckpt.path}: layer {i} has an incomplete expert set (expected {n} experts x 3 projections)")
+    gate_up = down = None
+    for e in range(n):
+        t = {per_expert.match(k[len(prefix):]).group(2): v for k, v in _read(ckpt, by_expert[e], dtype).items()
+             if not k.endswith(SCALE_SUFFIX)}
+        if set(t) != {gate_n, up_n, down_n}:
+            raise MopError(f"{ckpt.path}: layer {i} expert {e} has projections {sorted(t)}, expected {[gate_n, up_n, down_n]}")
+        if gate_up is None:
+            inter, hidden = t[gate_n].shape
+            gate_up = torch.empty(n, 2 * inter, hidden, dtype=t[gate_n].dtype)  # [E, 2I, H]
+            down = torch.empty(n, hidden, inter, dtype=t[down_n].dtype)  # [E, H, I]
+        gate_up[e, : t[gate_n].shape[0]] = t[gate_n]
+        gate_up[e, t[gate_n].shape[0]:] = t[up_n]
+        down[e] = t[down_n]
+    sd["mlp.experts.gate_up_proj"] = gate_up
+    sd["mlp.experts.down_proj"] = down
     return sd
 
 
