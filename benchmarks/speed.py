@@ -634,7 +634,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     tflops, read_bw, write_bw = floors["matmul"]["tflops"] or 0, floors["read"]["gb_per_s"], floors["write"]["gb_per_s"]
     observe_read = sum(r["bytes"] for r in costs["layers"].values()) + costs["embed_bytes"]
     records = run_dir / "records"
-    select_read = (dir_bytes(records, "sample.parquet") if method.needs_records else 0) + dir_bytes(records, "stats.parquet")
+    select_read = (dir_bytes(records, "sample.arrow") if method.needs_records else 0) + dir_bytes(records, "stats.parquet")
     if method.needs_weights:
         select_read += sum(costs["layers"][i]["moe_bytes"] for i in costs["moe_layers"])
     out_bytes = int(pruning.get("bytes_after") or dir_bytes(out, "*.safetensors"))
