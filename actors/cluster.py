@@ -9,6 +9,12 @@ import ray
 
 from mop_ray.errors import MopError
 
+_STARTED_HERE = {"local": False}  # True when connect() started a private local Ray (no autoscaler behind it)
+
+
+def started_locally() -> bool:
+    return _STARTED_HERE["local"]
+
 
 def connect(address: str | None = None) -> None:
     """Join a running cluster when an address is given (or RAY_ADDRESS is set); else start a local Ray.
@@ -25,6 +31,7 @@ def connect(address: str | None = None) -> None:
         else:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             ray.init(include_dashboard=False, log_to_driver=True)
+            _STARTED_HERE["local"] = True
     except ConnectionError as e:
         raise MopError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
 
@@ -56,7 +63,8 @@ def check_reachable(address: str | None = None, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
-        reason = f"no answer within {timeout_s:g}s" if isinstance(e, socket.timeout) else (e.strerror or type(e).__name__).lower()
+        reason = (f"no answer within {timeout_s:g}s" if isinstance(e, socket.timeout)
+                  else (e.strerror or type(e).__name__).lower())
         label = f"--address {address}" if given else f"RAY_ADDRESS={address}"
         raise MopError(f"{label}: no Ray cluster at {host}:{port} ({reason}); expected {expected}") from None
 

@@ -20,7 +20,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from actors.cluster import check_reachable, connect, default_stages
+from actors.cluster import check_reachable, connect, default_stages, started_locally
 from actors.layer_shard import LayerShardWorker
 from actors.tasks import combine_layers_task, ray_shard_writer, select_layer_task
 from mop_ray.checkpoint.keepmap import check_r
@@ -263,13 +263,18 @@ def run(job: PruneJob, log=print) -> dict:
     check_r(ckpt, job.keep)
     check_out(Path(job.out).absolute(), job.overwrite)
     check_reachable(job.address)  # an --address nobody answers on fails now, before anything is written
+    connect(job.address)
+    need = (job.stage_gpus or 0) * (job.stages or default_stages(ckpt.num_layers))
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if need and started_locally() and have < need:
+        raise MopError(f"--stage-gpus {job.stage_gpus}: the stages need {need} GPUs but this machine's Ray has {have} "
+                       "and no autoscaler; lower --stages or drop stage-gpus")
     run_dir = job.run_path
     if run_dir.exists() and not job.resume and (run_dir / "manifest.json").exists():
         shutil.rmtree(run_dir / "records", ignore_errors=True)
         (run_dir / "manifest.json").unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir / "manifest.json", plan_hash(job, ckpt), job.resume, str(ckpt.path.absolute()))
-    connect(job.address)
     timings = {}
     if method.needs_records:
         t = time.time()
@@ -281,8 +286,8 @@ def run(job: PruneJob, log=print) -> dict:
     t = time.time()
     keep, scores, details = select_phase(job, ckpt, run_dir, manifest, log)
     timings["select_s"] = round(time.time() - t, 2)
-    if os.environ.get("MOP_RAY_FAULT_DRIVER_EXIT") == "after_select":  # test hook: the driver dies here
-        os._exit(137)
+    if os.environ.get("MOP_RAY_FAULT_DRIVER_EXIT") == "after_select":  # test hook: the driver is killed here
+        os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no atexit, like an OOM kill
     info = {"method": job.method, "parameters": {k: v for k, v in asdict(job).items() if k not in ("progress", "address")},
             "scores": scores, "details": details, "timings": timings, "run_dir": str(run_dir)}
     res = write_pruned(ckpt, job.out, keep, max_shard_size=job.max_shard_size, overwrite=job.overwrite, info=info,

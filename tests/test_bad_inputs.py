@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,46 @@ def test_calibration_problems_fail_before_writing(tiny_models, tmp_path, ray_loc
     with pytest.raises(MopError, match="cannot load the tokenizer"):
         run(small_job(src, tmp_path / "o"), log=lambda *_: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_address_fails_fast(tiny_models, tmp_path):
+    """`--address` naming a port nobody listens on: one line, exit 2, in seconds (ray.init alone retries the GCS
+    for minutes), and nothing written: no --out, no run dir. A real `mop-ray` process, as a user runs it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:  # a free port, closed again: connections to it are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.time()
+    p = subprocess.run([str(Path(sys.executable).parent / "mop-ray"), "prune", "--model", str(tiny_models["mixtral"]),
+                        "--out", str(out), "--method", "reap", "--keep", "4", "--address", f"127.0.0.1:{port}"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.time() - t0
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+    assert lines[0] == (f"mop-ray: error: --address 127.0.0.1:{port}: no Ray cluster at 127.0.0.1:{port} (connection "
+                        "refused); expected the GCS address of a running head (HOST:PORT; 6379 unless `ray start --head "
+                        "--port` chose another)"), lines[0]
+    assert seconds < 60, seconds  # the process' imports, then an immediate refusal (not minutes of GCS retries)
+    assert not out.exists() and not (tmp_path / "out.run").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_stage_gpus_without_gpus_on_a_local_ray_fails_at_once(tiny_models, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "mop_ray.cli", "prune", "--model", str(tiny_models["mixtral"]),
+                           "--out", str(out), "--method", "reap", "--keep", "4", "--tokens", "256", "--seq-len", "32",
+                           "--stages", "2", "--stage-gpus", "1"],
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the stages need 2 GPUs but this machine's Ray has 0 and no autoscaler" in proc.stderr
+    assert not out.exists() and not Path(str(out) + ".run").exists()

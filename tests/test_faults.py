@@ -1,9 +1,11 @@
-"""Fault injection with real Ray: a stage process dies mid-observe, a writer task dies mid-write. The run
-completes and its checkpoint is byte-identical to an undisturbed run with the same seed."""
+"""Fault injection with real Ray: a stage process dies mid-observe, a writer task dies mid-write, a node is
+lost, the driver is killed after selection and resumed. The run completes and its checkpoint is
+byte-identical to an undisturbed run with the same seed."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
@@ -81,3 +83,53 @@ def test_losing_a_node_during_observe(tiny_models, tmp_path, ray_local):
     assert removed and any("restarting the phase" in line for line in logs), logs
     assert hit["keep_map"] == calm["keep_map"]
     assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "hit")
+
+
+def test_driver_killed_after_select_then_resume(tiny_models, tmp_path, ray_local):
+    """The driver process is SIGKILLed right after the select phase is marked done (MOP_RAY_FAULT_DRIVER_EXIT);
+    nothing appears at --out; the same command with --resume reuses calibration, records and keep-map from the
+    manifest, writes, and gives the checkpoint an undisturbed run with the same seed gives. The drivers join
+    the test session's running Ray through --address, as a job's driver joins its cluster."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mop_ray.cli import main
+
+    model = tiny_models["mixtral"]
+    args = ["prune", "--model", str(model), "--method", "reap", "--keep", "4", "--tokens", "256", "--seq-len", "32",
+            "--sample", "10000", "--micro-batch", "2", "--seed", "0", "--max-shard-size", "100KB"]
+    assert main([*args, "--out", str(tmp_path / "calm")]) == 0  # the undisturbed reference, in-process
+    out, run_dir = tmp_path / "hit", tmp_path / "hit-run"
+    cmd = [str(Path(sys.executable).parent / "mop-ray"), *args, "--out", str(out), "--run-dir", str(run_dir),
+           "--address", ray_local.get_runtime_context().gcs_address]
+
+    def driver(env, *flags):
+        p = subprocess.Popen([*cmd, *flags], env={**os.environ, **env}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        try:
+            text, _ = p.communicate(timeout=240)
+        finally:
+            p.kill()
+            p.wait()
+        return p.returncode, text
+
+    rc, text = driver({"MOP_RAY_FAULT_DRIVER_EXIT": "after_select"})
+    assert rc == -signal.SIGKILL, text[-3000:]
+    assert "select: reap kept 4 of 8 experts" in text and "wrote" not in text, text[-3000:]
+    phases = json.loads((run_dir / "manifest.json").read_text())["phases"]
+    assert set(phases) == {"calibrate", "observe", "select"}, phases  # killed before write
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".hit")]  # no partial output
+
+    rc, text = driver({}, "--resume")
+    assert rc == 0, text[-3000:]
+    for line in ("calibrate: reusing", "observe: all layers recorded, skipping",
+                 "select: reusing the keep-map in the manifest", f"wrote {out}"):
+        assert line in text, (line, text[-3000:])
+    phases = json.loads((run_dir / "manifest.json").read_text())["phases"]
+    assert phases["write"]["out"] == str(out) and phases["verify"] == {"ok": True}
+    assert shard_bytes(tmp_path / "calm") == shard_bytes(out)  # byte-identical shards, same names
+    calm_info, hit_info = (json.loads((d / "pruning.json").read_text()) for d in (tmp_path / "calm", out))
+    assert hit_info["keep_map"] == calm_info["keep_map"]
+    assert len(set(shard_bytes(out)[0].values())) > 1  # several shards were compared
