@@ -74,6 +74,23 @@ def test_unsupported_family(tiny_models, tmp_path, capsys):
     assert "mixtral" in line and "deepseek_v3" in line
 
 
+def test_remote_code_is_never_run(tiny_models, tmp_path, capsys):
+    """A config asking for repository code (auto_map, trust_remote_code models) is never imported: an unknown
+    model_type is refused saying so; a known one (DeepSeek-V3's release has auto_map) uses transformers' class."""
+    src = copy_model(tiny_models, "deepseek_v3", tmp_path)
+    marker = tmp_path / "remote-code-ran"
+    (src / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass EvilForCausalLM: pass\n")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert main(["prune", "--model", str(src), "--out", str(tmp_path / "ok"), "--keep", "4"]) == 0
+    cfg.update(model_type="evil_moe", architectures=["EvilForCausalLM"])
+    (src / "config.json").write_text(json.dumps(cfg))
+    line = run_fails(capsys, tmp_path, ["--model", str(src), "--keep", "4"], "unsupported model family")
+    assert "asks for repository code (auto_map), which mop-ray never imports or runs" in line
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("keep,expect", [(8, "must be below the 8 experts"), (9, "must be below"),
                                          (1, "at least the router top-k")])
 def test_bad_expert_count(tiny_models, tmp_path, capsys, keep, expect):

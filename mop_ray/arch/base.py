@@ -137,6 +137,8 @@ def detect(cfg: dict) -> Family:
         if any(a in fam.architectures for a in archs):
             return fam
     supported = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in _REGISTRY.values())
+    remote = (" - its config.json asks for repository code (auto_map), which mop-ray never imports or runs"
+              if cfg.get("auto_map") else "")
     raise MopError(
-        f"unsupported model family: model_type={model_type!r}, architectures={archs}; supported: {supported}"
+        f"unsupported model family: model_type={model_type!r}, architectures={archs}; supported: {supported}{remote}"
     )
