@@ -161,7 +161,7 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
             if attempt == job.max_attempts:
                 raise MopError(f"observe: a stage was lost {attempt} times; last: {str(e).strip().splitlines()[0]}") from None
             log(f"observe: a stage was lost ({type(e).__name__}); restarting the phase (attempt {attempt + 1})")
-            for tmp in run.glob("records/layer=*/.sample.*.parquet"):
+            for tmp in run.glob("records/layer=*/.sample.*.arrow"):
                 tmp.unlink(missing_ok=True)
 
 
