@@ -142,9 +142,10 @@ class LayerSample:
 def read_sample(run_dir: str | Path, layer: int) -> LayerSample:
     table = pa.ipc.open_file(pa.memory_map(str(layer_dir(run_dir, layer) / "sample.arrow"))).read_all()
 
-    def matrix(name):
+    def matrix(name):  # writable: a single record batch comes back as a read-only view of the mapped file
         col = table[name].combine_chunks()
-        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        arr = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        return arr if arr.flags.writeable else arr.copy()
 
     return LayerSample(matrix("x"), matrix("z"), matrix("logits"), table["source"].to_pylist(),
                        table["block"].to_numpy(), table["pos"].to_numpy())
