@@ -45,7 +45,6 @@ def test_losing_a_node_during_observe(tiny_models, tmp_path, ray_local):
     """Remove the node that holds a stage while micro-batches stream; a replacement node joins (as the
     autoscaler would bring one); the run completes with the undisturbed result."""
     import threading
-    from unittest import mock
     import time
 
     import ray
@@ -60,27 +59,29 @@ def test_losing_a_node_during_observe(tiny_models, tmp_path, ray_local):
         nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
-        removed = []
+        removed, logs, result = [], [], {}
 
-        def kill_a_node():
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                if ray.available_resources().get("GPU", 0) == 0:  # all three GPUs reserved for the stages (0 is omitted)
-                    time.sleep(1.0)
-                    cluster.remove_node(nodes[-1])  # it holds a stage: every node holds one
-                    removed.append(nodes[-1].unique_id)
-                    # the replacement the autoscaler would start; Node() installs a SIGTERM handler, which Python
-                    # allows only on the main thread, so that one call is skipped here (this thread is not main)
-                    with mock.patch("ray._private.utils.set_sigterm_handler"):
-                        cluster.add_node(num_cpus=1, num_gpus=1)
-                    return
-                time.sleep(0.05)
+        def job():  # the job runs on a thread: Cluster.add_node must run on the main thread (it sets signal handlers)
+            try:
+                result["hit"] = run(small_job(model, tmp_path / "hit", address=cluster.address, **kw), log=logs.append)
+            except BaseException as e:  # noqa: BLE001 - re-raised below on the main thread
+                result["error"] = e
 
-        killer = threading.Thread(target=kill_a_node, daemon=True)
-        killer.start()
-        logs = []
-        hit = run(small_job(model, tmp_path / "hit", address=cluster.address, **kw), log=logs.append)
-        killer.join(timeout=5)
+        runner = threading.Thread(target=job, daemon=True)
+        runner.start()
+        deadline = time.time() + 120
+        while time.time() < deadline and runner.is_alive():
+            if ray.available_resources().get("GPU", 0) == 0:  # all three GPUs reserved for the stages (0 is omitted)
+                time.sleep(1.0)
+                cluster.remove_node(nodes[-1])  # it holds a stage: every node holds one
+                removed.append(nodes[-1].unique_id)
+                cluster.add_node(num_cpus=1, num_gpus=1)  # the replacement the autoscaler would start
+                break
+            time.sleep(0.05)
+        runner.join(timeout=600)
+        if "error" in result:
+            raise result["error"]
+        hit = result["hit"]
     finally:
         ray.shutdown()
         cluster.shutdown()
