@@ -112,3 +112,37 @@ def test_enu_method_and_too_few_experts_for_top_k(tiny_models, records):
     one = torch.zeros(8, dtype=torch.bool)
     one[3] = True
     assert set_loss(prods, batch, one) == pytest.approx(masked_loss(moe, prods.spec, x, z, batch, [3]), rel=1e-6)
+
+
+def test_short_candidate_lists_stay_exact(tiny_models, records, family):
+    """Gram over only each token's top-k candidates (forced here; DeepSeek-V3 caps 256 at 64): routes that leave
+    the list rebuild it or are scored from re-run experts, and losses, trials and greedy equal the full Gram's."""
+    from mop_ray.methods.greedy import trial_losses
+
+    ctx, full, batch, moe, x, z = setup(family, tiny_models, records)
+    ctx.params["enu_candidates"] = ctx.top_k
+    short, _, _ = layer_products(ctx, min_kept=2)
+    assert short.n_candidates == ctx.top_k < full.n_candidates == 8
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[[0, 5]] = False  # an intermediate set, unbalanced across routing groups
+    options = [e for e in range(8) if keep[e]]
+    reference = []
+    for e in options:
+        trial = keep.clone()
+        trial[e] = False
+        reference.append(set_loss(full, batch, trial))
+    for prods in (short, full):  # the fast path (next-best expert moves up) and full re-routing of every pair
+        # (rel 1e-5: float32 softmax over the kept rows, recomputed vs rescaled by 1/(1 − p_e), for qwen2_moe)
+        assert trial_losses(prods, batch, keep, options).tolist() == pytest.approx(reference, rel=1e-5)
+        assert trial_losses(prods, batch, keep, options, fast=False).tolist() == pytest.approx(reference, rel=1e-6)
+    assert short.refreshed > 0  # some routes did leave the short lists
+    kept_short, det = search(short, batch, 8, 4, ctx.groups, max_sets=0)
+    assert kept_short == search(full, batch, 8, 4, ctx.groups, max_sets=0)[0] and det["candidates"] == ctx.top_k
+    # a route through each token's lowest-ranked experts is outside any list drawn from all 8: scored directly
+    tok = torch.arange(full.n_tokens)
+    idx = full.choice.topk(ctx.top_k, dim=-1, largest=False).indices
+    w = torch.rand(idx.shape, generator=torch.Generator().manual_seed(0))
+    before = short.direct
+    got = short.pair_errors(tok, idx, w, torch.ones(8, dtype=torch.bool))
+    assert short.direct - before == full.n_tokens
+    assert got.tolist() == pytest.approx(full.pair_errors(tok, idx, w, keep).tolist(), rel=1e-6, abs=1e-9)

@@ -39,7 +39,7 @@ def route(
     spec: RouterSpec,
     logits: torch.Tensor,  # [T, E] float32 router logits
     correction_bias: torch.Tensor | None = None,  # [E]
-    keep: torch.Tensor | None = None,  # [E] bool, experts that survive pruning
+    keep: torch.Tensor | None = None,  # [E] or per token [T, E] bool, experts that survive pruning
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k ids [T, k] and gate weights [T, k] (float32), matching the family's router module."""
     import torch
@@ -78,7 +78,7 @@ def route(
     idx = choice.topk(spec.top_k, dim=-1, sorted=False).indices  # [T, k]
     weights = scores.gather(1, idx)  # [T, k]
     if keep is not None:  # fewer kept experts than k: the extra slots hold dropped experts with weight 0
-        weights = weights * keep[idx]
+        weights = weights * (keep.gather(1, idx) if keep.dim() == 2 else keep[idx])
     if spec.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if spec.scoring == "sigmoid" else 0.0))
     return idx, weights * spec.routed_scaling_factor

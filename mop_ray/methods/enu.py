@@ -8,6 +8,8 @@ the family's own top-k renormalisation and the shared-expert term. All C(n, r) s
 are at most ``enu_max_sets`` of them; otherwise greedy backward elimination removes, one at a time, the
 expert whose removal raises L least (MoP's choice for Qwen's 60 experts). Under DeepSeek group-limited
 routing only sets that keep the same number in every group are considered.
+
+Greedy elimination is scored incrementally (``mop_ray.methods.greedy``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from mop_ray.methods.base import Choice, LayerContext, register
+from mop_ray.methods.greedy import greedy, trial_losses
 from mop_ray.methods.products import ExpertProducts, expert_products
 
 DEFAULT_MAX_SETS = 5000
@@ -34,7 +37,8 @@ def layer_products(ctx: LayerContext, min_kept: int) -> tuple[ExpertProducts, to
     x = torch.tensor(sample.x, device=dev)  # [N, H]
     z = torch.tensor(sample.z, device=dev)  # [N, H]
     logits = torch.tensor(sample.logits, device=dev)  # [N, E]
-    prods = expert_products(moe, ckpt.family, spec, x, z, logits, min_kept)
+    cap = ctx.params.get("enu_candidates")
+    prods = expert_products(moe, ckpt.family, spec, x, z, logits, min_kept, None if cap is None else int(cap))
     n_batches = int(ctx.params.get("enu_batches", DEFAULT_BATCHES))
     n_blocks = int(sample.block.max()) + 1
     per = math.ceil(n_blocks / n_batches)
@@ -79,26 +83,13 @@ def search(prods: ExpertProducts, batch: torch.Tensor, n: int, r: int, groups: i
         best = list(losses[0][1])
         return best, {"mode": "exhaustive", "sets_scored": total, "loss": losses[0][0],
                       "best_sets": [{"kept": list(s), "loss": l} for l, s in losses[:20]]}
-    kept = list(range(n))
-    size, per = n // groups, r // groups
-    trace, scored = [], 0
-    while len(kept) > r:
-        counts = [sum(1 for e in kept if e // size == g) for g in range(groups)]
-        options = [e for e in kept if counts[e // size] > per]
-        trials = []
-        for e in options:
-            trials.append((set_loss(prods, batch, _mask([k for k in kept if k != e], n, device)), e))
-        scored += len(trials)
-        loss, drop = min(trials)
-        kept.remove(drop)
-        trace.append({"dropped": drop, "loss": loss})
-    return kept, {"mode": "greedy", "sets_scored": scored, "loss": trace[-1]["loss"], "trace": trace}
+    return greedy(prods, batch, n, r, groups)
 
 
 def drop_one_losses(prods: ExpertProducts, batch: torch.Tensor, n: int) -> np.ndarray:
     """L(all − {e}) for every expert e [n]: how much removing e alone hurts (higher = more worth keeping)."""
-    device = prods.logits.device
-    return np.array([set_loss(prods, batch, _mask([k for k in range(n) if k != e], n, device)) for e in range(n)])
+    keep = torch.ones(n, dtype=torch.bool, device=prods.logits.device)
+    return trial_losses(prods, batch, keep, list(range(n))).cpu().numpy()
 
 
 @register("enu", needs_records=True, needs_weights=True, set_based=True,

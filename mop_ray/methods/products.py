@@ -7,9 +7,13 @@ layer pruned to a kept set S outputs  ŷ = Σ_{j∈top-k_S(t)} w_j f_j(x) + s, s
     ‖z − ŷ‖² = ‖y‖² − 2 Σ_j w_j ⟨y, f_j⟩ + Σ_{j,l} w_j w_l ⟨f_j, f_l⟩.
 
 ``ExpertProducts`` holds ‖y‖² [N], ⟨y, f_e⟩ and ‖f_e‖² for every expert [N, E], and the Gram ⟨f_j, f_l⟩ over
-each token's candidate experts [N, c, c] — the experts that can still enter its top-k after removals (all E
-under group-limited routing, where group choice can change). Routing for S comes from the recorded router
-logits with dropped experts masked (``mop_ray.arch.route``), which equals the physically pruned router.
+each token's candidate experts [N, c, c]: the c experts it ranks highest (router choice score). When every
+expert fits (few experts, or plain top-k routing where at most E − min_kept can be removed) c is exact;
+otherwise (256 routed experts, group-limited routing, where a removal can switch the token's groups) c is
+capped (``max_candidates``) and a route that leaves the list is handled exactly: the token's list is rebuilt
+from the experts still kept (its experts re-run once), and a route still outside it is scored from the
+re-run outputs directly. Routing for S comes from the recorded router logits with dropped experts masked
+(``mop_ray.arch.route``), which equals the physically pruned router.
 Per-token inner products are float64 for float32 weights and float32 (fp32-accumulated GEMMs) for bf16/fp16
 weights, whose expert outputs carry ~3 significant digits anyway; every sum over tokens and batches is float64.
 """
@@ -22,38 +26,157 @@ import torch
 
 from mop_ray.arch import RouterSpec, route
 from mop_ray.arch.experts import expert_forward
-from mop_ray.errors import MopError
+
+DEFAULT_MAX_CANDIDATES = 64
+
+
+class ExpertRunner:
+    """Re-runs every expert of one MoE block on chosen sampled tokens: (f [m, E, H] in ``store``, y [m, H] in ``prec``)."""
+
+    def __init__(self, moe, family, x: torch.Tensor, z: torch.Tensor, prec: torch.dtype):
+        self.moe, self.family, self.x, self.z, self.prec = moe, family, x, z, prec
+        self.n_experts = moe.experts.gate_up_proj.shape[0]
+        self.dtype = moe.experts.gate_up_proj.dtype
+        # on CUDA, bf16/fp16 expert outputs stay in their dtype (that is all the information they hold) and
+        # products accumulate in float32 (bmm out_dtype); elsewhere they are upcast to ``prec`` first
+        self.store = self.dtype if x.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16) else prec
+
+    def chunk_tokens(self) -> int:
+        """Tokens per chunk so that one chunk's expert outputs [n, E, H] stay within a memory budget."""
+        budget = 2 << 30
+        if self.x.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.x.device)
+            budget = max(budget, min(16 << 30, free // 5))
+        width = self.n_experts * self.x.shape[-1] * torch.finfo(self.store).bits // 8
+        return max(1, budget // width)
+
+    def __call__(self, tokens: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = self.x[tokens].to(dtype=self.dtype)  # [m, H]
+        shared = self.family.shared_output(self.moe, xs)
+        y = self.z[tokens].to(self.prec) - (shared.to(self.prec) if shared is not None else 0)  # [m, H]
+        f = torch.empty(xs.shape[0], self.n_experts, xs.shape[1], dtype=self.store, device=xs.device)  # [m, E, H]
+        for e in range(self.n_experts):
+            f[:, e] = expert_forward(self.moe.experts, xs, e)
+        return f, y
+
+
+def bmm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b batched, accumulated and returned in float32 or better (half inputs: cuBLAS out_dtype)."""
+    if a.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a, b)
+
+
+def dot_rows(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """⟨y_t, f_te⟩ [n, E] (float64) for f [n, E, H] and y [n, H]; half f meets y split into two half parts."""
+    if f.dtype in (torch.bfloat16, torch.float16):
+        hi = y.to(f.dtype)
+        lo = (y - hi.to(y.dtype)).to(f.dtype)  # y = hi + lo to ~2^-16 relative
+        return (bmm32(f, hi[:, :, None]) + bmm32(f, lo[:, :, None]))[..., 0].double()
+    return torch.bmm(f, y.to(f.dtype)[:, :, None])[..., 0].double()
 
 
 @dataclass
 class ExpertProducts:
     yy: torch.Tensor  # [N] ‖y‖², float64
-    yf: torch.Tensor  # [N, E] ⟨y, f_e⟩
-    ff: torch.Tensor  # [N, E] ‖f_e‖²
+    yf: torch.Tensor  # [N, E] ⟨y, f_e⟩, float64
+    ff: torch.Tensor  # [N, E] ‖f_e‖², float64
     cand: torch.Tensor  # [N, c] candidate expert ids per token (long)
     pos: torch.Tensor  # [N, E] position of expert e in cand[t], -1 if absent (long)
-    gram: torch.Tensor  # [N, c, c] ⟨f_j, f_l⟩ over cand[t]
+    gram: torch.Tensor  # [N, c, c] ⟨f_j, f_l⟩ over cand[t] (prec)
     logits: torch.Tensor  # [N, E] float32 router logits
+    choice: torch.Tensor  # [N, E] float32 router choice scores (the order top-k picks in)
     bias: torch.Tensor | None  # [E] e_score_correction_bias (DeepSeek-V3)
     spec: RouterSpec
+    runner: ExpertRunner | None = None  # re-runs experts for routes outside the candidate lists
+    refreshed: int = 0  # tokens whose candidate list was rebuilt
+    direct: int = 0  # (set, token) pairs scored from re-run outputs
+    _orders: tuple | None = None
+
+    def orders(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each token's experts by router choice, best first [N, E]; the same within each routing group
+        [N, G, E/G] (expert ids); and values whose per-group sums rank groups as the router does [N, E]."""
+        if self._orders is None:
+            n_tokens, n_experts = self.logits.shape
+            order = self.choice.argsort(dim=-1, descending=True, stable=True)  # [N, E]
+            g = self.spec.n_group if self.spec.group_score is not None else 1
+            size = n_experts // g
+            within = self.choice.view(n_tokens, g, size).argsort(dim=-1, descending=True, stable=True)
+            gorder = within + torch.arange(g, device=order.device)[None, :, None] * size  # [N, G, S]
+            # softmax gates: exp(l − max) ranks group sums like the kept-softmax does (same Z per token)
+            values = self.choice if self.spec.scoring == "sigmoid" else (self.logits - self.logits.amax(-1, keepdim=True)).exp()
+            self._orders = (order, gorder, values)
+        return self._orders
 
     @property
     def n_tokens(self) -> int:
         return self.yy.shape[0]
 
+    @property
+    def n_candidates(self) -> int:
+        return self.cand.shape[1]
+
     def token_errors(self, keep: torch.Tensor) -> torch.Tensor:
         """‖z − ŷ_S‖² per token [N] (float64) for the kept mask ``keep`` [E] bool."""
         idx, w = route(self.spec, self.logits, self.bias, keep=keep)  # [N, k]
+        return self.pair_errors(torch.arange(self.n_tokens, device=idx.device), idx, w, keep)
+
+    def pair_errors(self, tok: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """‖z − ŷ‖² [P] (float64) of token tok[p] routed to idx[p] [P, k] with gate weights w[p] [P, k]."""
+        cross, quad = self.pair_parts(tok, idx, w, keep)
+        return (self.yy[tok] - 2 * cross + quad).clamp_min(0)
+
+    def pair_parts(self, tok: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                   keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ_j w_j ⟨y, f_j⟩ and Σ_{j,l} w_j w_l ⟨f_j, f_l⟩ [P] (float64) of the routes idx [P, k], w [P, k].
+
+        ``keep`` [E] is a superset of every kept set the routes came from: a token whose route leaves its
+        candidate list gets a new list drawn from these experts.
+        """
         w = w.double()
-        p = self.pos.gather(1, idx)  # [N, k] positions in cand
-        if bool(((p < 0) & (w > 0)).any()):
-            raise MopError("internal: a routed expert fell outside the token's candidate list")
+        p = self.pos[tok[:, None], idx]  # [P, k] positions in cand
+        outside = ((p < 0) & (w > 0)).any(-1)  # [P]
+        if bool(outside.any()):
+            self._refresh(tok[outside].unique(), keep)
+            p = self.pos[tok[:, None], idx]
+            outside = ((p < 0) & (w > 0)).any(-1)
         p = p.clamp_min(0)  # zero-weight slots (fewer kept experts than k) may point anywhere
-        rows = torch.arange(self.n_tokens, device=p.device)[:, None, None]
-        g = self.gram[rows, p[:, :, None], p[:, None, :]]  # [N, k, k]
-        cross = (w * self.yf.gather(1, idx)).sum(-1)  # [N]
-        quad = torch.einsum("nj,njl,nl->n", w, g, w)  # [N]
-        return (self.yy - 2 * cross + quad).clamp_min(0)
+        g = self.gram[tok[:, None, None], p[:, :, None], p[:, None, :]].double()  # [P, k, k]
+        cross = (w * self.yf[tok[:, None], idx]).sum(-1)  # [P]
+        quad = torch.einsum("pj,pjl,pl->p", w, g, w)  # [P]
+        if bool(outside.any()):  # still outside after a rebuild (group switches): products of re-run outputs
+            sel = outside.nonzero()[:, 0]
+            quad[sel] = self._direct_quad(tok[sel], idx[sel], w[sel])
+        return cross, quad
+
+    def _refresh(self, tokens: torch.Tensor, keep: torch.Tensor) -> None:
+        """Rebuild the candidate lists of ``tokens`` [m] from the experts in ``keep``, re-running their experts."""
+        if self.runner is None:
+            raise RuntimeError("internal: a route left the candidate list and no expert runner is attached")
+        c = self.n_candidates
+        step = self.runner.chunk_tokens()
+        for start in range(0, tokens.shape[0], step):
+            t = tokens[start:start + step]
+            cand = self.choice[t].masked_fill(~keep, float("-inf")).topk(c, dim=-1).indices  # [m, c]
+            f, _ = self.runner(t)  # [m, E, H]
+            fc = f.gather(1, cand[:, :, None].expand(-1, -1, f.shape[-1]))  # [m, c, H]
+            self.gram[t] = bmm32(fc, fc.transpose(1, 2)).to(self.gram.dtype)
+            self.pos[t] = -1
+            self.pos[t[:, None], cand] = torch.arange(c, device=t.device).expand(t.shape[0], -1)
+            self.cand[t] = cand
+        self.refreshed += int(tokens.shape[0])
+
+    def _direct_quad(self, tok: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Σ_{j,l} w_j w_l ⟨f_j, f_l⟩ [P] from re-run expert outputs."""
+        out = torch.empty(tok.shape[0], dtype=torch.float64, device=tok.device)
+        step = self.runner.chunk_tokens()
+        for start in range(0, tok.shape[0], step):
+            sl = slice(start, start + step)
+            f, _ = self.runner(tok[sl])  # [m, E, H]
+            fk = f.gather(1, idx[sl, :, None].expand(-1, -1, f.shape[-1])).double()  # [m, k, H]
+            out[sl] = torch.einsum("pj,pjh->ph", w[sl], fk).pow(2).sum(-1)
+        self.direct += int(tok.shape[0])
+        return out
 
     def single_expert_errors(self, weight: torch.Tensor) -> torch.Tensor:
         """‖z − (c_e f_e + s)‖² per token and expert [N, E] for single-expert gate weights ``weight`` [N, E]."""
@@ -61,50 +184,60 @@ class ExpertProducts:
         return (self.yy[:, None] - 2 * weight * self.yf + weight.pow(2) * self.ff).clamp_min(0)
 
 
-def candidate_count(spec: RouterSpec, n_experts: int, min_kept: int) -> int:
-    """Experts per token that can be routed to once the layer keeps at least ``min_kept`` experts."""
-    if n_experts <= 32 or (spec.group_score is not None and spec.n_group > 1):
-        return n_experts  # few experts: the full Gram is cheap; groups: a removal can change the chosen groups
-    return min(n_experts, spec.top_k + (n_experts - min_kept))
+def candidate_count(spec: RouterSpec, n_experts: int, min_kept: int, max_candidates: int | None = None) -> int:
+    """Candidate experts per token: every expert that can still be routed to once at least ``min_kept`` are kept
+    (all of them under group routing, where a removal can change the chosen groups), capped at
+    ``max_candidates`` (default: none up to 32 experts, else ``DEFAULT_MAX_CANDIDATES``)."""
+    grouped = spec.group_score is not None and spec.n_group > 1
+    exact = n_experts if grouped else min(n_experts, spec.top_k + (n_experts - min_kept))
+    if max_candidates is None:
+        max_candidates = n_experts if n_experts <= 32 else DEFAULT_MAX_CANDIDATES
+    return min(exact, max(max_candidates, spec.top_k))
+
+
+def choice_scores(spec: RouterSpec, logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[N, E] scores whose order the router's top-k follows (softmax is monotone in the logits)."""
+    if spec.scoring == "sigmoid":
+        return logits.sigmoid() + bias if bias is not None else logits.sigmoid()
+    return logits
+
+
+def gram_bytes(n_tokens: int, c: int, weight_dtype: torch.dtype) -> int:
+    """Bytes of the per-token candidate Gram [N, c, c] for experts stored in ``weight_dtype``."""
+    return n_tokens * c * c * (8 if weight_dtype in (torch.float32, torch.float64) else 4)
 
 
 @torch.no_grad()
 def expert_products(moe, family, spec: RouterSpec, x: torch.Tensor, z: torch.Tensor, logits: torch.Tensor,
-                    min_kept: int, chunk_tokens: int = 4096, gram_budget_bytes: int = 8 << 30) -> ExpertProducts:
+                    min_kept: int, max_candidates: int | None = None) -> ExpertProducts:
     """Run every expert once over x [N, H] (in token chunks) and reduce to the products above."""
     n_tokens, n_experts = logits.shape
     device = x.device
-    c = candidate_count(spec, n_experts, min_kept)
-    if n_tokens * c * c * 8 > gram_budget_bytes:
-        raise MopError(f"expert Gram of {n_tokens} tokens x {c}^2 candidates needs {n_tokens * c * c * 8 / 1e9:.1f} GB; "
-                       f"lower --sample")
+    c = candidate_count(spec, n_experts, min_kept, max_candidates)
     bias = getattr(moe.gate, "e_score_correction_bias", None)
     bias = bias.float() if bias is not None else None
     logits = logits.float().to(device)
-    # candidates: the token's experts ranked by the router's choice score (all experts under group routing)
-    choice = logits.sigmoid() + bias if spec.scoring == "sigmoid" and bias is not None else logits
+    choice = choice_scores(spec, logits, bias)  # [N, E]
     cand = choice.topk(c, dim=-1).indices if c < n_experts else torch.arange(n_experts, device=device).expand(n_tokens, -1)
-    cand = cand.contiguous()
+    cand = cand.contiguous()  # [N, c]
     pos = torch.full((n_tokens, n_experts), -1, dtype=torch.long, device=device)
     pos.scatter_(1, cand, torch.arange(c, device=device).expand(n_tokens, -1).contiguous())
 
+    dtype = moe.experts.gate_up_proj.dtype
+    prec = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+    runner = ExpertRunner(moe, family, x, z, prec)
     yy = torch.empty(n_tokens, dtype=torch.float64, device=device)
     yf = torch.empty(n_tokens, n_experts, dtype=torch.float64, device=device)
     ff = torch.empty(n_tokens, n_experts, dtype=torch.float64, device=device)
-    gram = torch.empty(n_tokens, c, c, dtype=torch.float64, device=device)
-    dtype = moe.experts.gate_up_proj.dtype
-    prec = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
-    width = n_experts * x.shape[-1] * torch.finfo(prec).bits // 8
-    chunk_tokens = max(1, min(chunk_tokens, (1 << 31) // width))  # one chunk's expert outputs <= 2 GB
-    for start in range(0, n_tokens, chunk_tokens):
-        sl = slice(start, min(start + chunk_tokens, n_tokens))
-        xs = x[sl].to(device=device, dtype=dtype)
-        shared = family.shared_output(moe, xs)
-        y = z[sl].to(device, prec) - (shared.to(prec) if shared is not None else 0)  # [n, H]
-        f = torch.stack([expert_forward(moe.experts, xs, e) for e in range(n_experts)], dim=1).to(prec)  # [n, E, H]
+    gram = torch.empty(n_tokens, c, c, dtype=prec, device=device)
+    step = runner.chunk_tokens()
+    for start in range(0, n_tokens, step):
+        sl = slice(start, min(start + step, n_tokens))
+        f, y = runner(sl)  # [n, E, H], [n, H]
         yy[sl] = y.pow(2).sum(-1).double()
-        yf[sl] = torch.bmm(f, y[:, :, None])[..., 0].double()  # [n, E]
-        ff[sl] = f.pow(2).sum(-1).double()
+        yf[sl] = dot_rows(f, y)  # [n, E]
+        ff[sl] = torch.linalg.vector_norm(f, dim=-1, dtype=prec).double().pow(2)  # [n, E]
         fc = f if c == n_experts else f.gather(1, cand[sl, :, None].expand(-1, -1, f.shape[-1]))  # [n, c, H]
-        gram[sl] = torch.bmm(fc, fc.transpose(1, 2)).double()  # [n, c, c]
-    return ExpertProducts(yy, yf, ff, cand, pos, gram, logits, bias, spec)
+        gram[sl] = bmm32(fc, fc.transpose(1, 2))  # [n, c, c]
+        del f, fc
+    return ExpertProducts(yy, yf, ff, cand, pos, gram, logits, choice, bias, spec, runner)
