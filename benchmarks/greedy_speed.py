@@ -133,12 +133,20 @@ def main() -> None:
             sync()
         print(prof.key_averages().table(sort_by="cuda_time_total" if dev == "cuda" else "cpu_time_total", row_limit=25))
 
+    parts = {}
+
     def mop():
+        t0 = time.perf_counter()
         general, det = search(prods, batch, n, m, groups, max_sets=0)
+        sync()
+        parts["mop_general_s"] = round(time.perf_counter() - t0, 3)
         p = logits.double().softmax(-1)  # [N, E] MoP Eq. 2 inputs
         s_var = activation_variability(p.sum(0).cpu().numpy(), (p * p.clamp_min(1e-300).log2()).sum(0).cpu().numpy(),
                                        args.tokens)
+        t0 = time.perf_counter()
         domains = kmeans(x, r - m, seed=0)  # [N]
+        sync()
+        parts["mop_kmeans_s"] = round(time.perf_counter() - t0, 3)
         errors = prods.single_expert_errors(single_expert_weight(spec, logits))  # [N, E]
         counts = torch.bincount(domains, minlength=r - m).double()
         sums = torch.zeros(r - m, n, dtype=torch.float64, device=dev).index_add_(0, domains, errors)
@@ -161,7 +169,7 @@ def main() -> None:
         "all_experts_pass_s": round(all_experts_s, 3), "products_s": round(products_s, 3),
         "enu_greedy_s": round(enu_s, 3), "enu_total_s": round(products_s + enu_s, 3),
         "enu_total_over_floor": round((products_s + enu_s) / floor_s, 2),
-        "mop_s": round(mop_s, 3), "mop_total_s": round(products_s + mop_s, 3),
+        "mop_s": round(mop_s, 3), **parts, "mop_total_s": round(products_s + mop_s, 3),
         "mop_total_over_floor": round((products_s + mop_s) / floor_s, 2),
         "candidates": prods.n_candidates, "rebuilt_tokens": prods.refreshed, "direct_pairs": prods.direct,
         "enu_sets_scored": det_enu["sets_scored"], "mop_sets_scored": det_mop["sets_scored"],

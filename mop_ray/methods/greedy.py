@@ -41,10 +41,25 @@ class RouteState:
     switch: torch.Tensor | None  # [N, E] bool: removing e alone can change the token's chosen groups
 
 
+_TRIANGLES: dict = {}
+
+
+def _prefix_count(kept: torch.Tensor) -> torch.Tensor:
+    """Inclusive prefix counts of ``kept`` [..., L] along the last dim (int32). On CUDA a half-precision matmul
+    with a triangle of ones (exact: counts ≤ L ≤ 2048), which beats the scan kernel ~50× on 65k rows of 256."""
+    width = kept.shape[-1]
+    if kept.device.type != "cuda" or width > 2048:
+        return kept.cumsum(-1, dtype=torch.int32)
+    key = (width, kept.device)
+    if key not in _TRIANGLES:
+        _TRIANGLES[key] = torch.ones(width, width, dtype=torch.float16, device=kept.device).triu()  # [L, L]
+    return (kept.to(torch.float16) @ _TRIANGLES[key]).to(torch.int32)
+
+
 def _first_kept(order: torch.Tensor, kept: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n entries of ``order`` [..., L] whose ``kept`` [..., L] is set: ids [..., n] (-1 past the end)
     and whether all n exist [...]. A prefix count and a scatter, no top-k (slow on wide rows)."""
-    rank = kept.cumsum(-1, dtype=torch.int32)  # [..., L]
+    rank = _prefix_count(kept)  # [..., L]
     slot = torch.where(kept & (rank <= n), rank - 1, n).long()  # [..., L] column n collects the rest
     out = torch.full((*order.shape[:-1], n + 1), -1, dtype=order.dtype, device=order.device)
     return out.scatter_(-1, slot, order)[..., :n], rank[..., -1] >= n

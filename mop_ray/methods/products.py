@@ -47,16 +47,24 @@ class ExpertRunner:
         if self.x.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.x.device)
             budget = max(budget, min(16 << 30, free // 5))
-        width = self.n_experts * self.x.shape[-1] * torch.finfo(self.store).bits // 8
+        width = (self.n_experts + 16) * self.x.shape[-1] * torch.finfo(self.store).bits // 8
         return max(1, budget // width)
 
-    def __call__(self, tokens: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, tokens: torch.Tensor | slice, append_y: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``append_y``: rows E and E+1 of f [m, E+pad, H] sum to y (its half-precision high and low parts, or y
+        and 0) and the rest are 0, so one Gram of f holds ⟨f_i, f_j⟩, ⟨y, f_e⟩ and ‖f_e‖² together."""
         xs = self.x[tokens].to(dtype=self.dtype)  # [m, H]
         shared = self.family.shared_output(self.moe, xs)
         y = self.z[tokens].to(self.prec) - (shared.to(self.prec) if shared is not None else 0)  # [m, H]
-        f = torch.empty(xs.shape[0], self.n_experts, xs.shape[1], dtype=self.store, device=xs.device)  # [m, E, H]
-        for e in range(self.n_experts):
+        n = self.n_experts
+        rows = -(-(n + 2) // 16) * 16 if append_y else n  # a multiple of 16 keeps the Gram on tensor cores
+        f = torch.empty(xs.shape[0], rows, xs.shape[1], dtype=self.store, device=xs.device)  # [m, E(+pad), H]
+        for e in range(n):
             f[:, e] = expert_forward(self.moe.experts, xs, e)
+        if append_y:
+            f[:, n] = y  # rounded to ``store``
+            f[:, n + 1] = y - f[:, n].to(y.dtype)  # the rounding error: y = hi + lo to ~2^-16 relative in half
+            f[:, n + 2:] = 0
         return f, y
 
 
@@ -65,15 +73,6 @@ def bmm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype in (torch.bfloat16, torch.float16):
         return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a, b)
-
-
-def dot_rows(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """⟨y_t, f_te⟩ [n, E] (float64) for f [n, E, H] and y [n, H]; half f meets y split into two half parts."""
-    if f.dtype in (torch.bfloat16, torch.float16):
-        hi = y.to(f.dtype)
-        lo = (y - hi.to(y.dtype)).to(f.dtype)  # y = hi + lo to ~2^-16 relative
-        return (bmm32(f, hi[:, :, None]) + bmm32(f, lo[:, :, None]))[..., 0].double()
-    return torch.bmm(f, y.to(f.dtype)[:, :, None])[..., 0].double()
 
 
 @dataclass
@@ -233,11 +232,15 @@ def expert_products(moe, family, spec: RouterSpec, x: torch.Tensor, z: torch.Ten
     step = runner.chunk_tokens()
     for start in range(0, n_tokens, step):
         sl = slice(start, min(start + step, n_tokens))
-        f, y = runner(sl)  # [n, E, H], [n, H]
+        f, y = runner(sl, append_y=True)  # [n, E+pad, H], [n, H]
+        g = bmm32(f, f.transpose(1, 2))  # [n, E+pad, E+pad]: one compute-bound pass over the outputs
+        del f
         yy[sl] = y.pow(2).sum(-1).double()
-        yf[sl] = dot_rows(f, y)  # [n, E]
-        ff[sl] = torch.linalg.vector_norm(f, dim=-1, dtype=prec).double().pow(2)  # [n, E]
-        fc = f if c == n_experts else f.gather(1, cand[sl, :, None].expand(-1, -1, f.shape[-1]))  # [n, c, H]
-        gram[sl] = bmm32(fc, fc.transpose(1, 2))  # [n, c, c]
-        del f, fc
+        yf[sl] = (g[:, n_experts, :n_experts] + g[:, n_experts + 1, :n_experts]).double()  # [n, E]
+        ff[sl] = g[:, :n_experts, :n_experts].diagonal(dim1=1, dim2=2).double()  # [n, E]
+        if c < n_experts:
+            ci = cand[sl]  # [n, c]
+            g = g.gather(1, ci[:, :, None].expand(-1, -1, g.shape[2])).gather(2, ci[:, None, :].expand(-1, c, -1))
+        gram[sl] = g[:, :c, :c]  # [n, c, c]
+        del g
     return ExpertProducts(yy, yf, ff, cand, pos, gram, logits, choice, bias, spec, runner)
