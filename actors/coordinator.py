@@ -253,6 +253,24 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
     return keep, scores, details
 
 
+SELECT_MEMORY_GB = float(os.environ.get("MOP_RAY_SELECT_MEMORY_GB", 64))
+
+
+def check_selection_memory(ckpt: Checkpoint, job: PruneJob) -> None:
+    """Refuse a --sample whose per-layer products (``mop_ray.methods.products``) exceed the selection budget."""
+    from mop_ray.methods.products import candidate_count, selection_bytes
+
+    n = min(job.sample, job.tokens) if job.sample > 0 else 0
+    c = candidate_count(ckpt.family.router_spec(ckpt.config), ckpt.num_experts, 1)
+    half = str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "bfloat16") in ("bfloat16", "float16")
+    need = selection_bytes(n, ckpt.num_experts, int(ckpt.config["hidden_size"]), c, half) / 2**30
+    if need > SELECT_MEMORY_GB:
+        most = int(job.sample * SELECT_MEMORY_GB / need)
+        raise MopError(f"--sample {job.sample}: selecting with {job.method} needs {need:.1f} GiB per layer for the "
+                       f"sample's expert products, over the {SELECT_MEMORY_GB:g} GiB budget "
+                       f"(MOP_RAY_SELECT_MEMORY_GB); use --sample {most} or less")
+
+
 def run(job: PruneJob, log=print) -> dict:
     """Prune ``job.model`` into ``job.out`` with a calibration-based method; returns a summary dict."""
     t_start = time.time()
@@ -262,6 +280,8 @@ def run(job: PruneJob, log=print) -> dict:
         raise MopError("prune: pass --keep R (experts to keep per layer)")
     check_r(ckpt, job.keep)
     check_out(Path(job.out).absolute(), job.overwrite)
+    if method.needs_weights and method.needs_records:
+        check_selection_memory(ckpt, job)  # a sample too large for selection fails now, not after observe
     check_reachable(job.address)  # an --address nobody answers on fails now, before anything is written
     connect(job.address)
     need = (job.stage_gpus or 0) * (job.stages or default_stages(ckpt.num_layers))

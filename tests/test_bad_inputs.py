@@ -255,3 +255,15 @@ def test_stage_gpus_without_gpus_on_a_local_ray_fails_at_once(tiny_models, tmp_p
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "the stages need 2 GPUs but this machine's Ray has 0 and no autoscaler" in proc.stderr
     assert not out.exists() and not Path(str(out) + ".run").exists()
+
+
+def test_sample_too_large_for_selection_fails_before_calibrating(tiny_models, tmp_path, capsys, monkeypatch):
+    """The per-layer products of --sample are sized up front: over the budget, one line and nothing written."""
+    monkeypatch.setattr("actors.coordinator.SELECT_MEMORY_GB", 0.001)
+    out = tmp_path / "o"
+    rc = main(["prune", "--model", str(tiny_models["deepseek_v3"]), "--out", str(out), "--method", "mop",
+               "--keep", "4", "--tokens", "4096", "--seq-len", "32", "--sample", "4096"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--sample 4096: selecting with mop needs" in err and "use --sample" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists() and not Path(str(out) + ".run").exists()

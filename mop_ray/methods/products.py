@@ -201,9 +201,11 @@ def choice_scores(spec: RouterSpec, logits: torch.Tensor, bias: torch.Tensor | N
     return logits
 
 
-def gram_bytes(n_tokens: int, c: int, weight_dtype: torch.dtype) -> int:
-    """Bytes of the per-token candidate Gram [N, c, c] for experts stored in ``weight_dtype``."""
-    return n_tokens * c * c * (8 if weight_dtype in (torch.float32, torch.float64) else 4)
+def selection_bytes(n_tokens: int, n_experts: int, hidden: int, c: int, half_weights: bool) -> int:
+    """Device bytes the products of one layer's sample take beside the layer: the Gram [N, c, c], the [N, E]
+    tables (products, candidate positions, router orders) and the sample's x and z [N, H] in float32."""
+    gram = n_tokens * c * c * (4 if half_weights else 8)
+    return gram + 6 * n_tokens * n_experts * 8 + 2 * n_tokens * hidden * 4
 
 
 @torch.no_grad()
