@@ -10,7 +10,7 @@ MoP's choice when C(n, r) is too large). Removing e changes only some tokens' ro
 - every other token keeps its route; for softmax gates without top-k renormalisation its weights grow by
   1/(1 − p_e), whose error the products give in closed form.
 So a step costs ~k re-routed (token, trial) pairs per token plus the rare group switches, not one full routing
-pass per trial: DeepSeek-V3 256 → 128 over a 65,536-token sample takes 1.8 s on an H200 (RESULTS.md).
+pass per trial: DeepSeek-V3 256 → 128 over a 65,536-token sample takes 1.5 s on an H200 (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _group_members(prods: ExpertProducts, keep: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def trial_losses(prods: ExpertProducts, batch: torch.Tensor, keep: torch.Tensor, options: list[int],
-                 fast: bool = True) -> torch.Tensor:
+                 fast: bool = True, n_batches: int | None = None) -> torch.Tensor:
     """L(keep − {e}) for every e in ``options`` [O] (float64), incrementally from the routes under ``keep``.
 
     ``fast=False`` (and any state with fewer than k+1 kept experts in a token's groups) routes every affected
@@ -157,16 +157,22 @@ def trial_losses(prods: ExpertProducts, batch: torch.Tensor, keep: torch.Tensor,
             hit |= _group_members(prods, keep)
         full = hit
     cross, quad = prods.pair_parts(tokens, idx, w, keep)  # [N]
+    hit = hit[:, opts]  # [N, O]
+    n_batches = int(batch.max()) + 1 if n_batches is None else n_batches
     if spec.scoring == "softmax" and not spec.norm_topk_prob:  # kept-softmax gates grow by 1/(1 − p_e)
         p = logits.masked_fill(~keep, NEG).softmax(-1)[:, opts].double()  # [N, O]
         s = 1 / (1 - p).clamp_min(1e-300)
         base = (prods.yy[:, None] - 2 * s * cross[:, None] + s * s * quad[:, None]).clamp_min(0)  # [N, O]
-    else:
-        base = (prods.yy - 2 * cross + quad).clamp_min(0)[:, None].expand(-1, len(options))  # [N, O]
-    hit = hit[:, opts]  # [N, O]
-    sums = torch.zeros(int(batch.max()) + 1, len(options), dtype=torch.float64, device=dev)  # [B, O]
-    sums.index_add_(0, batch, base.masked_fill(hit, 0))
-    flat = sums.view(-1)
+        sums = torch.zeros(n_batches, len(options), dtype=torch.float64, device=dev)  # [B, O]
+        sums.index_add_(0, batch, base.masked_fill(hit, 0))
+        flat = sums.view(-1)
+    else:  # unchanged tokens keep their error: every trial starts from the batch sums, minus its hit tokens
+        err = (prods.yy - 2 * cross + quad).clamp_min(0)  # [N]
+        per_batch = torch.zeros(n_batches, dtype=torch.float64, device=dev).index_add_(0, batch, err)  # [B]
+        sums = per_batch[:, None].repeat(1, len(options))  # [B, O]
+        flat = sums.view(-1)
+        tok, o = hit.nonzero(as_tuple=True)
+        flat.index_add_(0, batch[tok] * len(options) + o, -err[tok])
 
     if state is not None:  # routed pairs that keep their groups: drop e, the (k+1)-th expert moves up
         tok, o = (hit & ~full[:, opts] if full is not None else hit).nonzero(as_tuple=True)  # [P]
@@ -193,7 +199,7 @@ def trial_losses(prods: ExpertProducts, batch: torch.Tensor, keep: torch.Tensor,
             else:
                 i2, w2 = route(spec, logits[t], prods.bias, keep=trial)
             flat.index_add_(0, batch[t] * len(options) + j, prods.pair_errors(t, i2, w2, keep))
-    return sums.sqrt().sum(0)
+    return sums.clamp_min(0).sqrt().sum(0)  # clamp: subtracting hit errors can leave -1e-16 for an empty batch
 
 
 def greedy(prods: ExpertProducts, batch: torch.Tensor, n: int, r: int, groups: int = 1) -> tuple[list[int], dict]:
@@ -202,11 +208,12 @@ def greedy(prods: ExpertProducts, batch: torch.Tensor, n: int, r: int, groups: i
     keep = torch.ones(n, dtype=torch.bool, device=prods.logits.device)
     size, per = n // groups, r // groups
     trace, scored = [], 0
+    n_batches = int(batch.max()) + 1
     while int(keep.sum()) > r:  # one sync per step
         kept_now = keep.tolist()  # one device sync, not one per expert
         counts = [sum(kept_now[g * size:(g + 1) * size]) for g in range(groups)]
         options = [e for e in range(n) if kept_now[e] and counts[e // size] > per]
-        losses = trial_losses(prods, batch, keep, options)  # [O]
+        losses = trial_losses(prods, batch, keep, options, n_batches=n_batches)  # [O]
         best = int(losses.argmin())  # the first minimum: ties go to the lower id
         keep[options[best]] = False
         scored += len(options)
