@@ -278,6 +278,7 @@ class HostMemory(threading.Thread):
         self.interval, self.stop_event = interval, threading.Event()
         self.peak = {k: {"rss": 0, "pss": 0} for k in ("driver", "ray_workers", "ray_system", "total")}
         self.samples = 0
+        self.at_peak: dict[str, int] = {}
 
     def sample(self) -> None:
         me, uid = os.getpid(), os.getuid()
@@ -296,12 +297,18 @@ class HostMemory(threading.Thread):
                 except OSError:
                     pass
         now = {k: {"rss": 0, "pss": 0} for k in self.peak}
+        by_title: dict[str, int] = {}  # RSS per process title (Ray sets ray::<task or actor method>, ray::IDLE)
         for p in tree:
             rss, pss = _mem_kb(p)
-            group = "driver" if p == me else "ray_workers" if _cmdline(p).startswith("ray::") else "ray_system"
+            title = _cmdline(p)
+            group = "driver" if p == me else "ray_workers" if title.startswith("ray::") else "ray_system"
             for g in (group, "total"):
                 now[g]["rss"] += rss * 1024
                 now[g]["pss"] += pss * 1024
+            key = "driver" if p == me else title.split()[0][:60] if title else "?"
+            by_title[key] = by_title.get(key, 0) + rss * 1024
+        if now["total"]["rss"] > self.peak["total"]["rss"]:  # who holds the memory at the peak
+            self.at_peak = dict(sorted(by_title.items(), key=lambda kv: -kv[1])[:8])
         for g, v in now.items():
             for k in v:
                 self.peak[g][k] = max(self.peak[g][k], v[k])
@@ -315,7 +322,8 @@ class HostMemory(threading.Thread):
     def stop(self) -> dict:
         self.stop_event.set()
         self.join()
-        return {"peak_bytes": self.peak, "samples": self.samples, "interval_s": self.interval}
+        return {"peak_bytes": self.peak, "samples": self.samples, "interval_s": self.interval,
+                "rss_at_peak_by_process": self.at_peak}
 
 
 class GpuMemory(threading.Thread):
