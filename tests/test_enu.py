@@ -146,3 +146,37 @@ def test_short_candidate_lists_stay_exact(tiny_models, records, family):
     got = short.pair_errors(tok, idx, w, torch.ones(8, dtype=torch.bool))
     assert short.direct - before == full.n_tokens
     assert got.tolist() == pytest.approx(full.pair_errors(tok, idx, w, keep).tolist(), rel=1e-6, abs=1e-9)
+
+
+def test_half_precision_outputs_give_the_same_products(tiny_models, records, monkeypatch):
+    """The CUDA layout (bf16 expert outputs, y as two bf16 parts, rows padded to 16, one fp32-accumulated Gram)
+    against the float32 layout, on the same bf16 layer: the expert outputs are the same bf16 values, so the
+    products agree to the y split's ~2^-16 and float32 accumulation."""
+    from mop_ray.methods import products
+    from mop_ray.methods.products import ExpertRunner, expert_products
+
+    ctx, _, batch, moe, x, z = setup("deepseek_v3", tiny_models, records)
+    moe = moe.to(torch.bfloat16)
+    family = Checkpoint(tiny_models["deepseek_v3"]).family
+    spec = family.router_spec(Checkpoint(tiny_models["deepseek_v3"]).config)
+    logits = torch.nn.functional.linear(x, moe.gate.weight.float())
+    plain = expert_products(moe, family, spec, x, z, logits, min_kept=2)
+    assert plain.runner.store == torch.float32
+    init = ExpertRunner.__init__
+
+    def half_store(self, *a, **k):
+        init(self, *a, **k)
+        self.store = torch.bfloat16
+
+    monkeypatch.setattr(products.ExpertRunner, "__init__", half_store)
+    half = expert_products(moe, family, spec, x, z, logits, min_kept=2, max_candidates=4)
+    assert half.runner.store == torch.bfloat16 and half.n_candidates == 4 < plain.n_candidates
+    for name in ("yy", "yf", "ff"):
+        a, b = getattr(half, name), getattr(plain, name)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max())), name
+    rows = torch.arange(half.n_tokens)[:, None, None]
+    sub = plain.gram[rows, half.cand[:, :, None], half.cand[:, None, :]]  # the full Gram at the short lists
+    assert torch.allclose(half.gram.double(), sub.double(), rtol=1e-4, atol=1e-4 * float(sub.abs().max()))
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[[1, 6]] = False
+    assert set_loss(half, batch, keep) == pytest.approx(set_loss(plain, batch, keep), rel=1e-3)

@@ -71,7 +71,9 @@ class ExpertRunner:
 def bmm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b batched, accumulated and returned in float32 or better (half inputs: cuBLAS out_dtype)."""
     if a.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(a, b, out_dtype=torch.float32)
+        if a.device.type == "cuda":
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        return torch.bmm(a.float(), b.float())  # out_dtype is CUDA-only
     return torch.bmm(a, b)
 
 
