@@ -111,3 +111,20 @@ def test_layer_built_from_safetensors_equals_the_layer_in_the_full_model(tiny_mo
         h_out = h_out[0] if isinstance(h_out, tuple) else h_out
         assert (out - h_out).abs().max().item() <= 1e-6, f"layer {i}"
         assert not any(p.is_meta for p in layer.parameters())
+
+
+def test_threaded_direct_expert_reads_equal_the_stacking_path(tiny_models, family, monkeypatch):
+    """Experts read by threads straight into the fused tensors (plain dtypes) equal per-tensor reads stacked."""
+    from mop_ray.arch import layer as layer_mod
+
+    ckpt = Checkpoint(tiny_models[family])
+    i = ckpt.moe_layers[-1]
+    reads, read_into = [], layer_mod.read_into
+    monkeypatch.setattr(layer_mod, "read_into", lambda info, dest: (reads.append(info.name), read_into(info, dest)))
+    direct = layer_mod.layer_state_dict(ckpt, i)
+    assert len(reads) == 3 * ckpt.num_experts  # every projection went the direct way
+    monkeypatch.setattr(layer_mod, "_read_experts_direct", lambda *a, **k: None)
+    stacked = layer_mod.layer_state_dict(ckpt, i)
+    assert set(direct) == set(stacked)
+    for name in direct:
+        assert direct[name].dtype == stacked[name].dtype and torch.equal(direct[name], stacked[name]), name
