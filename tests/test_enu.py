@@ -180,3 +180,54 @@ def test_half_precision_outputs_give_the_same_products(tiny_models, records, mon
     keep = torch.ones(8, dtype=torch.bool)
     keep[[1, 6]] = False
     assert set_loss(half, batch, keep) == pytest.approx(set_loss(plain, batch, keep), rel=1e-3)
+
+
+class _Experts(torch.nn.Module):
+    def __init__(self, n, hidden, inter, gen):
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(n, 2 * inter, hidden, generator=gen) * hidden ** -0.5)
+        self.down_proj = torch.nn.Parameter(torch.randn(n, hidden, inter, generator=gen) * inter ** -0.5)
+        self.act_fn = torch.nn.SiLU()
+
+
+class _Gate(torch.nn.Module):
+    def __init__(self, n, hidden, gen):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n, hidden, generator=gen) * hidden ** -0.5)
+        self.e_score_correction_bias = torch.randn(n, generator=gen) * 0.05
+
+
+class _NoShared:
+    def shared_output(self, moe, x):
+        return None
+
+
+def test_group_left_with_one_expert_keeps_switch_flags_exact():
+    """DeepSeek-V3 routing over 8 groups where one group is down to a single kept expert (its top-2 has a
+    missing second): the fast trials still equal full rescoring for every expert, expert 0 included."""
+    from mop_ray.arch import RouterSpec, route
+    from mop_ray.methods.greedy import trial_losses
+    from mop_ray.methods.products import expert_products
+
+    gen = torch.Generator().manual_seed(0)
+    n, hidden = 32, 16
+    moe = torch.nn.Module()
+    moe.experts, moe.gate = _Experts(n, hidden, 8, gen), _Gate(n, hidden, gen)
+    spec = RouterSpec(top_k=4, scoring="sigmoid", norm_topk_prob=True, n_group=8, topk_group=4,
+                      group_score="top2_sum", routed_scaling_factor=2.5, has_correction_bias=True)
+    x = torch.randn(2048, hidden, generator=gen)
+    logits = x @ moe.gate.weight.T
+    z = torch.randn(2048, hidden, generator=gen)
+    prods = expert_products(moe, _NoShared(), spec, x, z, logits, min_kept=8)
+    batch = torch.arange(2048) * 4 // 2048
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[[29, 30, 31, 5, 6]] = False  # group 7 keeps only expert 28; group 1 keeps 4 and 7
+    options = [e for e in range(n) if keep[e]]
+    reference = []
+    for e in options:
+        trial = keep.clone()
+        trial[e] = False
+        reference.append(set_loss(prods, batch, trial))
+    assert trial_losses(prods, batch, keep, options).tolist() == pytest.approx(reference, rel=1e-9)
+    idx, _ = route(spec, logits, moe.gate.e_score_correction_bias, keep=keep)
+    assert bool((idx == 0).any())  # expert 0 is routed to, so its flags matter

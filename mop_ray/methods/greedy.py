@@ -109,9 +109,11 @@ def route_state(prods: ExpertProducts, keep: torch.Tensor) -> RouteState | None:
         m = 1 if spec.group_score == "max" else 2
         # the group's score without its j-th best expert (j < m): the next one moves up
         without = v[..., 1:2] if m == 1 else torch.stack([v[..., 1] + v[..., 2], v[..., 0] + v[..., 2]], -1)
-        flips = (without <= runner_up[:, None, None]) & chosen[..., None] & (ids[..., :m] >= 0)  # [N, G, m]
-        switch = torch.zeros(n_tokens, n_experts, dtype=torch.bool, device=logits.device)
-        switch.scatter_(1, ids[..., :m].clamp_min(0).reshape(n_tokens, -1), flips.reshape(n_tokens, -1))
+        flips = (without <= runner_up[:, None, None]) & chosen[..., None]  # [N, G, m]
+        # a group with fewer than m kept experts has id -1 there: those go to a spare column, never onto expert 0
+        slots = torch.where(ids[..., :m] >= 0, ids[..., :m], n_experts).reshape(n_tokens, -1)
+        switch = torch.zeros(n_tokens, n_experts + 1, dtype=torch.bool, device=logits.device)
+        switch = switch.scatter_(1, slots, flips.reshape(n_tokens, -1))[:, :n_experts]
     return RouteState(nxt, scores, switch)
 
 
