@@ -71,11 +71,11 @@ def timed(fn, repeat=1):
 
 
 @torch.no_grad()
-def moe_output(moe, spec, x, logits, keep=None, chunk=32768):
+def moe_output(moe, spec, x, logits, keep=None, chunk=32768, bias=None):
     out = torch.empty_like(x)
     for s in range(0, x.shape[0], chunk):
         xs = x[s:s + chunk]
-        idx, w = route(spec, logits[s:s + chunk], keep=keep)
+        idx, w = route(spec, logits[s:s + chunk], bias, keep=keep)
         o = torch.zeros(xs.shape, dtype=torch.float32, device=x.device)
         for e in range(moe.gate.weight.shape[0]):
             tok, slot = torch.where(idx == e)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from enu_speed import NoShared, sync  # noqa: E402
+from enu_speed import NoShared, moe_output, sync  # noqa: E402
 from speed import matmul_probe  # noqa: E402
 
 from mop_ray.arch import RouterSpec  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(1)
     x = torch.randn(args.tokens, args.hidden, generator=gen, device=dev, dtype=dtype)  # [N, H]
     logits = torch.nn.functional.linear(x.float(), moe.gate.weight)  # [N, E]
-    z = moe_output_biased(moe, spec, x, logits)  # [N, H] the layer's own output
+    z = moe_output(moe, spec, x, logits, chunk=8192, bias=moe.gate.e_score_correction_bias)  # [N, H] the layer's own output
     batch = torch.arange(args.tokens, device=dev) * args.batches // args.tokens  # [N]
 
     probe = matmul_probe(dev, "bfloat16" if dev == "cuda" else "float32", 8192 if dev == "cuda" else 1024, 2.0)
@@ -179,24 +179,6 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("kept")}, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-
-
-@torch.no_grad()
-def moe_output_biased(moe, spec, x, logits, chunk=8192):
-    """The layer's output with its correction bias in the routing choice (``enu_speed.moe_output`` has none)."""
-    from mop_ray.arch import route
-
-    out = torch.empty_like(x)
-    for s in range(0, x.shape[0], chunk):
-        xs = x[s:s + chunk]
-        idx, w = route(spec, logits[s:s + chunk], moe.gate.e_score_correction_bias)
-        o = torch.zeros(xs.shape, dtype=torch.float32, device=x.device)
-        for e in range(moe.gate.weight.shape[0]):
-            tok, slot = torch.where(idx == e)
-            if len(tok):
-                o.index_add_(0, tok, w[tok, slot, None] * expert_forward(moe.experts, xs[tok], e).float())
-        out[s:s + chunk] = o.to(x.dtype)
-    return out
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def trial_losses(prods: ExpertProducts, batch: torch.Tensor, keep: torch.Tensor,
     hit = hit[:, opts]  # [N, O]
     n_batches = int(batch.max()) + 1 if n_batches is None else n_batches
     if spec.scoring == "softmax" and not spec.norm_topk_prob:  # kept-softmax gates grow by 1/(1 − p_e)
-        p = logits.masked_fill(~keep, NEG).softmax(-1)[:, opts].double()  # [N, O]
+        p = (state.scores if state is not None else logits.masked_fill(~keep, NEG).softmax(-1))[:, opts].double()  # [N, O]
         s = 1 / (1 - p).clamp_min(1e-300)
         base = (prods.yy[:, None] - 2 * s * cross[:, None] + s * s * quad[:, None]).clamp_min(0)  # [N, O]
         sums = torch.zeros(n_batches, len(options), dtype=torch.float64, device=dev)  # [B, O]
