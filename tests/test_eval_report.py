@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mop_ray.eval.harness import evaluate
-from mop_ray.eval.multiple_choice import accuracy, choice_logprobs, read_items
+from mop_ray.eval.multiple_choice import accuracy, choice_logprobs, continuation_logprobs, read_items
 from mop_ray.eval.perplexity import domain_blocks, perplexity
 from mop_ray.errors import MopError
 
@@ -49,6 +49,18 @@ def test_choice_logprobs_match_masked_label_losses(lm):
         with torch.no_grad():
             mean_nll = model(ids, labels=labels).loss.item()
         assert n == len(c) and logp == pytest.approx(-mean_nll * len(c), rel=1e-5)
+
+
+def test_batched_continuations_equal_one_at_a_time(lm):
+    model, tok = lm
+    texts = [("The sea is", " blue"), ("def f(x):\n   ", " return x + 1"), ("2 + 2 =", " 4"), ("Once upon", " a time there")]
+    pairs = [(tok(q, add_special_tokens=False)["input_ids"], tok(c, add_special_tokens=False)["input_ids"]) for q, c in texts]
+    assert len({len(q) + len(c) for q, c in pairs}) > 1  # unequal lengths: right padding is exercised
+    one = [continuation_logprobs(model, [p])[0] for p in pairs]
+    for batch in (2, 3, 64):
+        got = continuation_logprobs(model, pairs, batch_size=batch)
+        assert [n for _, n in got] == [n for _, n in one]
+        assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in one], rel=1e-5)
 
 
 def test_accuracy_on_items_with_known_answers(lm, tmp_path):
