@@ -178,24 +178,28 @@ def plot_losses(runs: list[Run], out: Path) -> str | None:
     return "losses.png"
 
 
-def plot_zoo(zoo: dict, out: Path) -> str:
+def plot_zoo(zoo: dict, out: Path, name: str = "zoo_routing.png") -> str:
     """A trained zoo model's expert usage per domain and layer (from its zoo.json), with routing entropy."""
     plt = _plt()
     domains = list(zoo["usage"])
     layers = list(zoo["usage"][domains[0]])
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 2.2 + 0.2 * len(domains)), squeeze=False)
+    cols = min(len(layers), 6)  # a grid, six layers a row: smol-moe has 30
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, (2.2 + 0.2 * len(domains)) * rows), squeeze=False)
+    for ax in axes.flat[len(layers):]:
+        ax.axis("off")
     for j, layer in enumerate(layers):
         mat = np.array([zoo["usage"][d][layer] for d in domains])  # [D, E]
-        ax = axes[0][j]
-        ax.imshow(mat, aspect="auto", cmap="magma")
+        ax = axes[j // cols][j % cols]
+        ax.imshow(mat, aspect="auto", cmap="magma", vmin=0)
         ent = [zoo["entropy_bits"][d][layer] for d in domains]
         ax.set_yticks(range(len(domains)), [f"{d} ({e:.1f} b)" for d, e in zip(domains, ent)], fontsize=7)
-        ax.set_title(f"layer {layer}: share of routed slots", fontsize=8)
+        ax.set_title(f"layer {layer}: share of routed slots (0 to {mat.max():.2f})", fontsize=8)  # colour per panel
         ax.set_xlabel("expert", fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "zoo_routing.png", dpi=110)
+    fig.savefig(out / name, dpi=110)
     plt.close(fig)
-    return "zoo_routing.png"
+    return name
 
 
 def eval_table(runs: list[Run], baseline: dict | None) -> str:
