@@ -150,13 +150,30 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, sources: list[str],
     return stages, actors, pg
 
 
-def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log) -> dict:
+@dataclass
+class LiveStages:
+    """The stage actors after a finished observe, kept for selection with the weights they hold."""
+
+    stages: list
+    actors: list
+    pg: object
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        ray.util.remove_placement_group(self.pg)
+        self.actors = []
+
+
+def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log,
+            keep_stages: bool = False) -> tuple[dict, LiveStages | None]:
     """Stream the calibration blocks through the stages; a stage lost mid-way (actor crash, node loss) restarts
     the phase with fresh actors, up to ``job.max_attempts`` times. Records are written only when every
-    micro-batch went through, so a replay never double-counts."""
+    micro-batch went through, so a replay never double-counts. -> (the phase's manifest state, the stages
+    still running when ``keep_stages`` and they ran; the caller closes them)."""
     for attempt in range(1, job.max_attempts + 1):
         try:
-            return _observe_once(job, ckpt, calib, run, manifest, log)
+            return _observe_once(job, ckpt, calib, run, manifest, log, keep_stages)
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
             if attempt == job.max_attempts:
                 raise MopError(f"observe: a stage was lost {attempt} times; last: {str(e).strip().splitlines()[0]}") from None
@@ -165,17 +182,20 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
                 tmp.unlink(missing_ok=True)
 
 
-def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log) -> dict:
+def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log,
+                  keep_stages: bool) -> tuple[dict, LiveStages | None]:
     recorded = set(map(int, (manifest.done("observe") or {}).get("layers", {})))
     if set(ckpt.moe_layers) <= recorded:
         log("observe: all layers recorded, skipping")
-        return manifest.done("observe")
+        return manifest.done("observe"), None
     sources = sorted(set(calib["source"]))
     src_idx = {s: i for i, s in enumerate(sources)}
     ids = np.asarray(calib["input_ids"], dtype=np.int64)  # [n_blocks, seq_len]
     block_sources = np.array([src_idx[s] for s in calib["source"]], dtype=np.int64)
     mask = sample_mask(len(ids), ids.shape[1], job.sample, job.seed)
     stages, actors, pg = start_stages(job, ckpt, run, sources, recorded, log)
+    live = LiveStages(stages, actors, pg)
+    finished = False
     t0 = time.time()
     inflight = []
     import torch
@@ -200,6 +220,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
             ray.get(ref)
             bar.update(n)
         results = ray.get([a.finish.remote() for a in actors])
+        finished = True
     except ray.exceptions.RayTaskError as e:
         cause = e.cause if getattr(e, "cause", None) is not None else e
         if isinstance(cause, MopError):
@@ -212,9 +233,8 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
         raise
     finally:
         bar.close()
-        for a in actors:
-            ray.kill(a)
-        ray.util.remove_placement_group(pg)
+        if not (finished and keep_stages):
+            live.close()
     layers = dict((manifest.done("observe") or {}).get("layers", {}))
     for r in results:
         layers.update({str(k): v for k, v in r.items()})
@@ -223,10 +243,14 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
              "tokens": int(ids.size), "seconds": round(seconds, 2), "tokens_per_s": round(ids.size / max(seconds, 1e-9), 1)}
     manifest.mark("observe", state)
     log(f"observe: {ids.size} tokens through {len(stages)} stage(s) in {seconds:.1f}s ({ids.size / seconds:.0f} tok/s)")
-    return state
+    return state, (live if keep_stages else None)
 
 
-def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log) -> tuple[dict, dict, dict]:
+def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log,
+                 live: LiveStages | None = None) -> tuple[dict, dict, dict]:
+    """Every MoE layer's kept ids. Methods that recompute experts select inside the ``live`` stage actors, which
+    hold the layers' weights already (no second read); otherwise, or when a stage is lost, one Ray task per
+    layer (GPU when the method uses weights and the cluster has GPUs) loads what it needs."""
     done = manifest.done("select") or {}
     if done.get("method") == job.method and done.get("keep") == job.keep and set(map(int, done.get("keep_map", {}))) == set(ckpt.moe_layers):
         log("select: reusing the keep-map in the manifest")
@@ -237,19 +261,30 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
     method = get_method(job.method)
     gpu = method.needs_weights and int(ray.cluster_resources().get("GPU", 0)) > 0
     opts = {"num_cpus": 0.5, "num_gpus": 1 if gpu else 0}
-    refs = [select_layer_task.options(**opts).remote(str(run), layer_context(ckpt, i, job.seed, params=params),
-                                                     job.method, job.keep) for i in ckpt.moe_layers]
-    results = list(tqdm(ray.get(refs), desc="select", disable=not job.progress))
+    results, where = None, "tasks"
+    if live is not None and method.needs_weights:
+        moe = set(ckpt.moe_layers)
+        refs = [actor.select.remote([layer_context(ckpt, i, job.seed, params=params) for i in st.layers if i in moe],
+                                    job.method, job.keep) for st, actor in zip(live.stages, live.actors)]
+        try:
+            results, where = [res for part in ray.get(refs) for res in part], "stages"
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
+            log(f"select: a stage was lost ({type(e).__name__}); selecting in tasks instead")
+    if results is None:
+        refs = [select_layer_task.options(**opts).remote(str(run), layer_context(ckpt, i, job.seed, params=params),
+                                                         job.method, job.keep) for i in ckpt.moe_layers]
+        results = list(tqdm(ray.get(refs), desc="select", disable=not job.progress))
     if method.combine is not None:  # a cross-layer stage (C-Prune global) picks the final ids of every layer
         results = ray.get(combine_layers_task.options(**opts).remote(str(ckpt.path), job.method, results, job.keep, params))
     keep, scores, details = {}, {}, {}
     for layer, kept, sc, det in results:
         keep[layer], scores[str(layer)], details[str(layer)] = kept, sc, det
     manifest.mark("select", {"method": job.method, "keep": job.keep, "keep_map": {str(k): v for k, v in keep.items()},
-                             "scores": scores, "details": details, "seconds": round(time.time() - t0, 2)})
+                             "scores": scores, "details": details, "seconds": round(time.time() - t0, 2), "in": where})
     counts = sorted({len(v) for v in keep.values()})
     kept_text = job.keep if len(counts) == 1 else f"{counts[0]}-{counts[-1]} (non-uniform, {job.keep} on average)"
-    log(f"select: {job.method} kept {kept_text} of {ckpt.num_experts} experts in {len(keep)} layers ({time.time() - t0:.1f}s)")
+    log(f"select: {job.method} kept {kept_text} of {ckpt.num_experts} experts in {len(keep)} layers "
+        f"({time.time() - t0:.1f}s, in the {where})")
     return keep, scores, details
 
 
@@ -296,16 +331,21 @@ def run(job: PruneJob, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir / "manifest.json", plan_hash(job, ckpt), job.resume, str(ckpt.path.absolute()))
     timings = {}
-    if method.needs_records:
+    live = None
+    try:
+        if method.needs_records:
+            t = time.time()
+            calib = calibrate(job, ckpt, run_dir, manifest, log)
+            timings["calibrate_s"] = round(time.time() - t, 2)
+            t = time.time()
+            _, live = observe(job, ckpt, calib, run_dir, manifest, log, keep_stages=method.needs_weights)
+            timings["observe_s"] = round(time.time() - t, 2)
         t = time.time()
-        calib = calibrate(job, ckpt, run_dir, manifest, log)
-        timings["calibrate_s"] = round(time.time() - t, 2)
-        t = time.time()
-        observe(job, ckpt, calib, run_dir, manifest, log)
-        timings["observe_s"] = round(time.time() - t, 2)
-    t = time.time()
-    keep, scores, details = select_phase(job, ckpt, run_dir, manifest, log)
-    timings["select_s"] = round(time.time() - t, 2)
+        keep, scores, details = select_phase(job, ckpt, run_dir, manifest, log, live)
+        timings["select_s"] = round(time.time() - t, 2)
+    finally:
+        if live is not None:
+            live.close()
     if os.environ.get("MOP_RAY_FAULT_DRIVER_EXIT") == "after_select":  # test hook: the driver is killed here
         os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no atexit, like an OOM kill
     info = {"method": job.method, "parameters": {k: v for k, v in asdict(job).items() if k not in ("progress", "address")},

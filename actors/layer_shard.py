@@ -24,14 +24,15 @@ def pick_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _fault_injection(layers: list[int], mb_id: int) -> None:
+def _fault_injection(layers: list[int], mb_id: int | str) -> None:
     """Test hook: MOP_RAY_FAULT_EXIT="<layer>:<micro-batch>:<marker file>" kills the process holding that layer
-    once, at that micro-batch (the marker file makes it once), so tests can exercise actor loss for real."""
+    once, at that micro-batch (or "select": when it selects for that layer; the marker file makes it once), so
+    tests can exercise actor loss for real."""
     spec = os.environ.get("MOP_RAY_FAULT_EXIT")
     if not spec:
         return
     layer, mb, marker = spec.split(":", 2)
-    if int(layer) in layers and int(mb) == mb_id and not os.path.exists(marker):
+    if int(layer) in layers and mb == str(mb_id) and not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(1)
 
@@ -63,6 +64,7 @@ class LayerShardWorker:
         self.run_dir = run_dir
         self.sources = sources
         self.observers: dict[int, MoEObserver] = {}
+        self._hooks = []
         self._meta: dict | None = None
         if record:
             spec = ckpt.family.router_spec(ckpt.config)
@@ -71,7 +73,7 @@ class LayerShardWorker:
                     obs = MoEObserver(i, ckpt.family, spec, ckpt.num_experts, len(sources),
                                       SampleWriter(layer_dir(run_dir, i), sources))
                     self.observers[i] = obs
-                    layer.mlp.register_forward_hook(self._hook(obs))
+                    self._hooks.append(layer.mlp.register_forward_hook(self._hook(obs)))
 
     def _hook(self, obs: MoEObserver):
         def hook(module, args, output):
@@ -101,6 +103,9 @@ class LayerShardWorker:
 
     def finish(self) -> dict[int, dict]:
         """Close the sample files and write the statistics; -> {layer: {"rows", "tokens"}}."""
+        for handle in self._hooks:  # the blocks may be used for selection next (``select``), unobserved
+            handle.remove()
+        self._hooks.clear()
         done = {}
         for i, obs in self.observers.items():
             rows = obs.sample_writer.rows
@@ -108,6 +113,21 @@ class LayerShardWorker:
             write_stats(layer_dir(self.run_dir, i), self.sources, obs.tokens, obs.stats)
             done[i] = {"rows": rows, "tokens": int(obs.tokens.sum())}
         return done
+
+    def select(self, contexts: list, method: str, r: int) -> list:
+        """``actors.tasks.select_layer`` for MoE layers this stage holds, with the weights it already has in
+        memory (no second read of the layer); call after ``finish``. -> one result per context."""
+        return [self._select_one(ctx, method, r) for ctx in contexts]
+
+    def _select_one(self, ctx, method: str, r: int):
+        from actors.tasks import select_layer
+
+        _fault_injection([ctx.layer], "select")
+        block = self.layers[self.layer_ids.index(ctx.layer)].mlp
+        out = select_layer(self.run_dir, ctx, method, r, block=block)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the next layer's products start from a clean pool
+        return out
 
     def where(self) -> dict:
         import ray

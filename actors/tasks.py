@@ -10,13 +10,17 @@ from mop_ray.methods import Choice, LayerContext, choose, get_method
 from mop_ray.observe.records import LayerRecords
 
 
-def select_layer(run_dir: str, ctx: LayerContext, method: str, r: int) -> tuple[int, list[int], list[float], dict]:
-    """Kept ids, scores and method details of one MoE layer (a Ray task; GPU when the method uses weights)."""
+def select_layer(run_dir: str, ctx: LayerContext, method: str, r: int, block=None) -> tuple[int, list[int], list[float], dict]:
+    """Kept ids, scores and method details of one MoE layer (a Ray task; GPU when the method uses weights).
+
+    ``block``: the layer's MoE block already in memory (a stage actor's), used instead of loading it again.
+    """
     import torch
 
     m = get_method(method)
     ctx.records = LayerRecords(run_dir, ctx.layer) if m.needs_records else None
     ctx.device = "cuda" if torch.cuda.is_available() else "cpu"
+    ctx.block = block
     kept, c = choose(m, ctx, r)
     return ctx.layer, kept, [float(s) for s in c.scores], c.details
 

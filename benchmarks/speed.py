@@ -49,7 +49,7 @@ L, S sampled tokens per MoE layer; parameters P are counted from the checkpoint'
   calibrate (tokenisation) and write (byte copies) have no compute floor.
 Read floors (bytes / measured read GB/s): observe: every decoder layer's tensors + the embedding (what the
   stages load); select: the records each task reads (sample + stats Parquet) + for ``needs_weights`` methods
-  the MoE block's tensors; write: the output's bytes (each read once from the source).
+  the MoE block's tensors, unless they selected inside the stages (manifest ``select.in``), which hold them; write: the output's bytes (each read once from the source).
 Write floor (bytes / measured write GB/s): write: the output's bytes.
 """
 
@@ -404,6 +404,23 @@ def make_bench_shard(base):
             _bench_write(self.run_dir, f"stage-{self.layer_ids[0]:03d}.json", self._bench)
             return out
 
+        def _select_one(self, ctx, *args, **kwargs):  # selection inside the stage, with the weights it holds
+            import torch
+
+            cuda = self.device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            out = super()._select_one(ctx, *args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            _bench_write(self.run_dir, f"select-{ctx.layer:03d}.json", {
+                "layer": ctx.layer, "in": "stage", "load_s": 0.0, "seconds": time.perf_counter() - t0,
+                "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "vm_hwm_bytes": _vm_hwm(),
+                "pid": os.getpid()})
+            return out
+
     BenchShard.__name__ = BenchShard.__qualname__ = "BenchShard"
     return BenchShard
 
@@ -643,7 +660,8 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     observe_read = sum(r["bytes"] for r in costs["layers"].values()) + costs["embed_bytes"]
     records = run_dir / "records"
     select_read = (dir_bytes(records, "sample.arrow") if method.needs_records else 0) + dir_bytes(records, "stats.parquet")
-    if method.needs_weights:
+    in_stages = (manifest["phases"].get("select") or {}).get("in") == "stages"  # the stages' weights, not re-read
+    if method.needs_weights and not in_stages:
         select_read += sum(costs["layers"][i]["moe_bytes"] for i in costs["moe_layers"])
     out_bytes = int(pruning.get("bytes_after") or dir_bytes(out, "*.safetensors"))
     phases = []
@@ -675,7 +693,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
         phase(f"  observe: forward passes (slowest stage, {st['micro_batches']} micro-batches)", round(st["forward_s"], 2),
               observe_flops(costs, tokens, args.seq_len, set(st["layers"])))
     phase("select", timings.get("select_s"), select_flops(costs, ckpt, method, sample_rows, args.keep), select_read)
-    if select_info and method.needs_weights:
+    if select_info and method.needs_weights and not in_stages:
         phase(f"  select: layer loads in the {len(select_info)} tasks (sum)", round(sum(v["load_s"] for v in select_info), 2),
               read=sum(costs["layers"][i]["moe_bytes"] for i in costs["moe_layers"]))
     phase("write", timings.get("write_s"), 0.0, out_bytes, out_bytes)

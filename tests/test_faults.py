@@ -41,6 +41,22 @@ def test_stage_and_writer_crashes_are_survived(tiny_models, tmp_path, ray_local)
     assert not list((tmp_path / "hit.run" / "records").glob("layer=*/.sample.*"))
 
 
+def test_a_stage_lost_while_selecting_hands_its_layers_to_tasks(tiny_models, tmp_path, ray_local):
+    model = tiny_models["deepseek_v3"]
+    kw = dict(stages=2, method="mop")
+    calm = run(small_job(model, tmp_path / "calm", **kw), log=lambda *_: None)
+    logs = []
+    env = {"MOP_RAY_FAULT_EXIT": f"2:select:{tmp_path / 'select.marker'}"}  # the stage selecting layer 2 dies
+    hit = run(small_job(model, tmp_path / "hit", extra={"fault_env": env}, **kw), log=logs.append)
+    assert (tmp_path / "select.marker").exists()
+    assert any("selecting in tasks instead" in line for line in logs), logs
+    phases = json.loads((tmp_path / "hit.run" / "manifest.json").read_text())["phases"]
+    assert phases["select"]["in"] == "tasks"
+    assert json.loads((tmp_path / "calm.run" / "manifest.json").read_text())["phases"]["select"]["in"] == "stages"
+    assert hit["keep_map"] == calm["keep_map"]
+    assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "hit")
+
+
 def test_losing_a_node_during_observe(tiny_models, tmp_path, ray_local):
     """Remove the node that holds a stage while micro-batches stream; a replacement node joins (as the
     autoscaler would bring one); the run completes with the undisturbed result."""

@@ -15,7 +15,8 @@ class LayerContext:
     """What a method sees of one MoE layer.
 
     ``records`` (``mop_ray.observe.records.LayerRecords``) is set for methods that need calibration records;
-    ``model_dir`` lets methods that recompute experts load this layer's weights (``moe_block``).
+    ``model_dir`` lets methods that recompute experts load this layer's weights (``moe_block``); ``block`` is
+    that MoE block when it is already in memory (a stage actor selecting for the layers it holds).
     """
 
     layer: int
@@ -27,13 +28,17 @@ class LayerContext:
     params: dict = field(default_factory=dict)
     model_dir: str | None = None
     device: str = "cpu"
+    block: object | None = None
 
     def moe_block(self):
-        """This layer's MoE block (router, experts, shared experts) loaded from the checkpoint, eval mode."""
+        """This layer's MoE block (router, experts, shared experts), eval mode: ``block``, else loaded from the
+        checkpoint; with the checkpoint."""
         from mop_ray.arch.layer import build_layer
         from mop_ray.checkpoint.reader import Checkpoint
 
         ckpt = Checkpoint(self.model_dir)
+        if self.block is not None:
+            return self.block, ckpt
         return build_layer(ckpt, self.layer, device=self.device).mlp, ckpt
 
 
