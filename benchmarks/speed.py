@@ -565,7 +565,7 @@ def enu_compare(model: str, run_dir: str, layer: int, keep: int, device: str) ->
     moe = build_layer(ckpt, layer, device=dev, dtype=dt).mlp
     n = ckpt.num_experts
     sample = read_sample(run_dir, layer)
-    x = torch.tensor(sample.x, device=dev, dtype=dt)
+    x = sample.tensor("x", dev, dt)
     tokens = x.shape[0]
     logits = torch.nn.functional.linear(x.float(), moe.gate.weight.float())
     z = enu_speed.moe_output(moe, spec, x, logits)

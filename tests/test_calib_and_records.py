@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.data.calib import DOMAINS, block_counts, build_calibration, parse_spec
 from mop_ray.errors import MopError
-from mop_ray.observe.records import STAT_FIELDS, SampleWriter, read_sample, read_stats, write_stats
+from mop_ray.observe.records import STAT_FIELDS, SampleWriter, bf16_bits, read_sample, read_stats, write_stats
 from mop_ray.plan import _split, plan_stages
 
 
@@ -100,6 +101,19 @@ def test_records_round_trip_through_parquet(tmp_path):
     np.testing.assert_array_equal(s.x, x)
     np.testing.assert_array_equal(s.z, z)
     np.testing.assert_array_equal(s.logits, lg)
+    assert torch.equal(s.tensor("x"), torch.from_numpy(x))
+
+    # a bfloat16 layer's rows are stored as their bits (uint16, half the bytes) and decode exactly
+    xb = (torch.randn(5, 16) * 1e3).to(torch.bfloat16)
+    zb = torch.tensor([[0.0, -0.0, float("inf"), 1e-40] * 4] * 5).to(torch.bfloat16)  # signs, inf, subnormals
+    other = tmp_path / "records" / "layer=008"
+    writer = SampleWriter(other, sources)
+    writer.write(bf16_bits(xb), bf16_bits(zb), lg, np.array([0, 1, 1, 0, 1]), np.arange(5), np.arange(5))
+    writer.close()
+    sb = read_sample(tmp_path, 8)
+    assert sb.x.dtype == np.uint16 and (other / "sample.arrow").stat().st_size < (layer / "sample.arrow").stat().st_size
+    assert torch.equal(sb.tensor("x"), xb.float()) and torch.equal(sb.tensor("z"), zb.float())
+    assert torch.equal(sb.tensor("z", dtype=torch.bfloat16).view(torch.int16), zb.view(torch.int16))
     assert s.source == ["code", "math", "math", "code", "math"] and s.pos.tolist() == [0, 3, 6, 9, 12]
 
 

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from mop_ray.arch.layer import build_layer
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.methods import LayerContext, choose, get_method
 from mop_ray.methods.enu import candidate_sets, layer_products, search, set_loss
@@ -67,7 +66,7 @@ def setup(family, tiny_models, records):
     ctx = LayerContext(layer, ckpt.num_experts, ckpt.top_k, groups, model_dir=str(ckpt.path),
                        records=LayerRecords(records(family), layer))
     prods, batch, (moe, _, sample) = layer_products(ctx, min_kept=2)
-    x, z = torch.from_numpy(sample.x), torch.from_numpy(sample.z)
+    x, z = sample.tensor("x"), sample.tensor("z")
     return ctx, prods, batch, moe, x, z
 
 

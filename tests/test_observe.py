@@ -154,3 +154,23 @@ def test_config_rejects_unknown_keys(tiny_models, tmp_path, capsys):
     cfg.write_text("model: x\nkeeep: 4\n")
     assert main(["prune", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert "unknown key 'keeep' (did you mean 'keep'?)" in capsys.readouterr().err
+
+
+def test_a_bfloat16_stage_records_its_sample_as_exact_bfloat16_bits(tiny_models, tmp_path):
+    from actors.layer_shard import LayerShardWorker
+
+    model = tiny_models["qwen3_moe"]
+    ckpt = Checkpoint(model)
+    layer = ckpt.moe_layers[0]
+    worker = LayerShardWorker(str(model), list(range(ckpt.num_layers)), str(tmp_path), ["code", "math"],
+                              first_stage=True, dtype="bfloat16")
+    seen = {}
+    worker.layers[layer].mlp.register_forward_hook(
+        lambda m, a, out: seen.update(x=a[0].reshape(-1, a[0].shape[-1]).clone(), z=out.reshape(-1, out.shape[-1]).clone()))
+    ids = torch.randint(0, 100, (2, 16))
+    worker.forward(0, ids, {"source": np.array([0, 1]), "block": np.array([0, 1]), "sample": np.ones((2, 16), bool)})
+    worker.finish()
+    sample = read_sample(tmp_path, layer)
+    assert seen["x"].dtype == torch.bfloat16 and sample.x.dtype == np.uint16 and sample.z.dtype == np.uint16
+    assert torch.equal(sample.tensor("x", dtype=torch.bfloat16), seen["x"])
+    assert torch.equal(sample.tensor("z", dtype=torch.bfloat16), seen["z"])

@@ -70,7 +70,7 @@ def pooled_outputs(ctx: LayerContext) -> tuple[np.ndarray, int]:
     """Every expert's output on the layer's mean-pooled sequence inputs, [n, B, H] float32, and B."""
     sample = ctx.records.sample
     moe, _ = ctx.moe_block()
-    x = torch.tensor(sample.x, device=ctx.device)
+    x = sample.tensor("x", ctx.device)  # [N, H] float32
     blocks = torch.as_tensor(sample.block.astype(np.int64), device=ctx.device)
     uniq, inv = torch.unique(blocks, return_inverse=True)
     pooled = torch.zeros(len(uniq), x.shape[1], device=ctx.device).index_add_(0, inv, x)

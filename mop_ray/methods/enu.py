@@ -34,8 +34,8 @@ def layer_products(ctx: LayerContext, min_kept: int) -> tuple[ExpertProducts, to
     moe, ckpt = ctx.moe_block()
     spec = ckpt.family.router_spec(ckpt.config)
     dev = ctx.device
-    x = torch.tensor(sample.x, device=dev)  # [N, H]
-    z = torch.tensor(sample.z, device=dev)  # [N, H]
+    x = sample.tensor("x", dev)  # [N, H] float32
+    z = sample.tensor("z", dev)  # [N, H] float32
     logits = torch.tensor(sample.logits, device=dev)  # [N, E]
     cap = ctx.params.get("enu_candidates")
     prods = expert_products(moe, ckpt.family, spec, x, z, logits, min_kept, None if cap is None else int(cap))

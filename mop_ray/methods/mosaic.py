@@ -141,7 +141,7 @@ def mop(ctx: LayerContext, r: int) -> Choice:
     details = {"general": general, "m": m, "s_var": s_var.tolist(), "enu": enu_details}
     if k_domains == 0:
         return Choice(s_var, sorted(general), details)
-    x = torch.tensor(sample.x, device=prods.logits.device)
+    x = sample.tensor("x", prods.logits.device)  # [N, H] float32
     domains = kmeans(x, k_domains, seed=ctx.seed)  # [N] (Eq. 5)
     errors = prods.single_expert_errors(single_expert_weight(prods.spec, prods.logits))  # [N, E] ‖E_i(x)−z‖²
     counts = torch.bincount(domains, minlength=k_domains).double()  # [K]

@@ -20,7 +20,7 @@ import torch
 
 from mop_ray.arch import Family, RouterSpec, route
 from mop_ray.arch.experts import expert_forward
-from mop_ray.observe.records import STAT_FIELDS, SampleWriter
+from mop_ray.observe.records import STAT_FIELDS, SampleWriter, bf16_bits
 
 
 def single_expert_weight(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,11 @@ class MoEObserver:
 
         if self.sample_writer is not None and sample is not None and bool(sample.any()):
             rows = sample.to(x.device)
+            if x.dtype == torch.bfloat16 and z.dtype == torch.bfloat16:  # stored as bf16 bits: exact, half the bytes
+                xs, zs = bf16_bits(x[rows]), bf16_bits(z[rows])
+            else:
+                xs, zs = x[rows].float().cpu().numpy(), z[rows].float().cpu().numpy()
             self.sample_writer.write(
-                x=x[rows].float().cpu().numpy(), z=z[rows].float().cpu().numpy(), logits=logits[rows].cpu().numpy(),
+                x=xs, z=zs, logits=logits[rows].cpu().numpy(),
                 source=source[sample.cpu()].numpy(), block=block[sample.cpu()].numpy(), pos=pos[sample.cpu()].numpy(),
             )

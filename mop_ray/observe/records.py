@@ -3,8 +3,9 @@
 ``stats.parquet``: one row per (source, expert): ``source`` (string), ``expert`` (int32), ``tokens`` (int64,
 tokens of that source), and the float64 sums of ``STAT_FIELDS`` (see ``mop_ray.observe.observer``).
 ``sample.arrow`` (Arrow IPC file, one record batch per micro-batch): one row per sampled token: ``block``,
-``pos`` (int32), ``source`` (string), ``x``, ``z`` (fixed_size_list<float32>[H]: MoE input and original
-output), ``logits`` (fixed_size_list<float32>[E]). The sample is Arrow IPC rather than Parquet because it is
+``pos`` (int32), ``source`` (string), ``x``, ``z`` (fixed_size_list[H]: MoE input and original output;
+float32, or uint16 holding the bfloat16 bits when the layer ran in bfloat16 — exact, half the bytes to copy,
+write and read back), ``logits`` (fixed_size_list<float32>[E]). The sample is Arrow IPC rather than Parquet because it is
 gigabytes of dense floats: Parquet encodes a definition level per list element (measured on an H100 node:
 the stage's sample writing took 8x its compute), while IPC writes the buffers as they are and is read back
 memory-mapped. Rows are written by a background thread so the stage's next micro-batch overlaps the write.
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 STAT_FIELDS = ("freq", "reap_sum", "ean_sum", "err_sum", "p_sum", "plogp_sum")
 
@@ -31,8 +33,22 @@ def layer_dir(run_dir: str | Path, layer: int) -> Path:
 
 
 def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
-    values = np.ascontiguousarray(values, dtype=np.float32)  # [N, D]
+    """[N, D] rows as a fixed-size list column: uint16 (bfloat16 bits) stays uint16, anything else float32."""
+    values = np.ascontiguousarray(values, dtype=np.uint16 if values.dtype == np.uint16 else np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor's bits on the host, [N, D] uint16 (what ``SampleWriter`` stores as bfloat16)."""
+    return t.contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+def decode_rows(values: np.ndarray, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """A sample matrix as a ``dtype`` tensor on ``device``; uint16 rows are bfloat16 bits, decoded on the device
+    (half the bytes over PCIe)."""
+    if values.dtype == np.uint16:
+        return torch.from_numpy(values.view(np.int16)).to(device).view(torch.bfloat16).to(dtype)
+    return torch.as_tensor(values, device=device, dtype=dtype)
 
 
 class SampleWriter:
@@ -131,12 +147,16 @@ def read_stats(run_dir: str | Path, layer: int) -> LayerStats:
 
 @dataclass
 class LayerSample:
-    x: np.ndarray  # [N, H] float32 MoE inputs
-    z: np.ndarray  # [N, H] float32 original MoE outputs
+    x: np.ndarray  # [N, H] MoE inputs: float32, or uint16 bfloat16 bits (use ``tensor``)
+    z: np.ndarray  # [N, H] original MoE outputs, as x
     logits: np.ndarray  # [N, E] float32 router logits
     source: list[str]
     block: np.ndarray  # [N] int32
     pos: np.ndarray  # [N] int32
+
+    def tensor(self, name: str, device="cpu", dtype=torch.float32) -> torch.Tensor:
+        """``x``, ``z`` or ``logits`` as a ``dtype`` tensor on ``device`` (bfloat16 bits decoded there)."""
+        return decode_rows(getattr(self, name), device, dtype)
 
 
 def read_sample(run_dir: str | Path, layer: int) -> LayerSample:
