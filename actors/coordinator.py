@@ -119,7 +119,9 @@ def calibrate(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, lo
     return calib
 
 
-def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, sources: list[str], recorded: set[int], log):
+def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int], log) -> "LiveStages":
+    """Create the stage actors (asynchronously: they load their layers while the caller goes on); they record
+    once ``begin(sources)`` is called."""
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -145,35 +147,51 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, sources: list[str],
         actors.append(Shard.options(
             **actor_res, runtime_env=runtime_env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=st.index),
-        ).remote(str(ckpt.path), list(st.layers), str(run), sources, first_stage=st.index == 0, record=record,
+        ).remote(str(ckpt.path), list(st.layers), str(run), None, first_stage=st.index == 0, record=record,
                  dtype=job.dtype))
-    return stages, actors, pg
+    return LiveStages(stages, actors, pg)
+
+
+def recorded_layers(manifest: Manifest) -> set[int]:
+    return set(map(int, (manifest.done("observe") or {}).get("layers", {})))
+
+
+def prestart_stages(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log) -> "LiveStages | None":
+    """The stages for observe, started before calibration so that their process start and weight loads overlap
+    the tokenisation; None when every MoE layer is recorded already."""
+    recorded = recorded_layers(manifest)
+    if set(ckpt.moe_layers) <= recorded:
+        return None
+    return start_stages(job, ckpt, run, recorded, log)
 
 
 @dataclass
 class LiveStages:
-    """The stage actors after a finished observe, kept for selection with the weights they hold."""
+    """Running stage actors: started before calibration, kept after observe for selection with their weights."""
 
     stages: list
     actors: list
     pg: object
 
     def close(self) -> None:
+        if self.pg is None:
+            return
         for a in self.actors:
             ray.kill(a)
         ray.util.remove_placement_group(self.pg)
-        self.actors = []
+        self.actors, self.pg = [], None
 
 
 def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log,
-            keep_stages: bool = False) -> tuple[dict, LiveStages | None]:
+            keep_stages: bool = False, started: LiveStages | None = None) -> tuple[dict, LiveStages | None]:
     """Stream the calibration blocks through the stages; a stage lost mid-way (actor crash, node loss) restarts
     the phase with fresh actors, up to ``job.max_attempts`` times. Records are written only when every
     micro-batch went through, so a replay never double-counts. -> (the phase's manifest state, the stages
-    still running when ``keep_stages`` and they ran; the caller closes them)."""
+    still running when ``keep_stages`` and they ran; the caller closes them). ``started``: stages from
+    ``prestart_stages`` for the first attempt."""
     for attempt in range(1, job.max_attempts + 1):
         try:
-            return _observe_once(job, ckpt, calib, run, manifest, log, keep_stages)
+            return _observe_once(job, ckpt, calib, run, manifest, log, keep_stages, started if attempt == 1 else None)
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
             if attempt == job.max_attempts:
                 raise MopError(f"observe: a stage was lost {attempt} times; last: {str(e).strip().splitlines()[0]}") from None
@@ -183,18 +201,20 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
 
 
 def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log,
-                  keep_stages: bool) -> tuple[dict, LiveStages | None]:
-    recorded = set(map(int, (manifest.done("observe") or {}).get("layers", {})))
+                  keep_stages: bool, started: LiveStages | None) -> tuple[dict, LiveStages | None]:
+    recorded = recorded_layers(manifest)
     if set(ckpt.moe_layers) <= recorded:
         log("observe: all layers recorded, skipping")
+        if started is not None:
+            started.close()
         return manifest.done("observe"), None
     sources = sorted(set(calib["source"]))
     src_idx = {s: i for i, s in enumerate(sources)}
     ids = np.asarray(calib["input_ids"], dtype=np.int64)  # [n_blocks, seq_len]
     block_sources = np.array([src_idx[s] for s in calib["source"]], dtype=np.int64)
     mask = sample_mask(len(ids), ids.shape[1], job.sample, job.seed)
-    stages, actors, pg = start_stages(job, ckpt, run, sources, recorded, log)
-    live = LiveStages(stages, actors, pg)
+    live = started if started is not None else start_stages(job, ckpt, run, recorded, log)
+    stages, actors = live.stages, live.actors
     finished = False
     t0 = time.time()
     inflight = []
@@ -202,6 +222,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
 
     bar = tqdm(total=ids.size, unit="tok", desc="observe", disable=not job.progress, unit_scale=True)
     try:
+        ray.get([a.begin.remote(sources) for a in actors])  # surfaces a stage that failed to load its layers
         where = ray.get([a.where.remote() for a in actors])
         for mb, start in enumerate(range(0, len(ids), job.micro_batch)):
             end = min(start + job.micro_batch, len(ids))
@@ -335,10 +356,11 @@ def run(job: PruneJob, log=print) -> dict:
     try:
         if method.needs_records:
             t = time.time()
+            live = prestart_stages(job, ckpt, run_dir, manifest, log)  # they load while calibration tokenises
             calib = calibrate(job, ckpt, run_dir, manifest, log)
             timings["calibrate_s"] = round(time.time() - t, 2)
             t = time.time()
-            _, live = observe(job, ckpt, calib, run_dir, manifest, log, keep_stages=method.needs_weights)
+            _, live = observe(job, ckpt, calib, run_dir, manifest, log, keep_stages=method.needs_weights, started=live)
             timings["observe_s"] = round(time.time() - t, 2)
         t = time.time()
         keep, scores, details = select_phase(job, ckpt, run_dir, manifest, log, live)

@@ -44,8 +44,10 @@ def _dtype(name: str | None) -> torch.dtype | None:
 class LayerShardWorker:
     """The actor body; ``ray.remote(LayerShardWorker)`` is created by the coordinator with its resources."""
 
-    def __init__(self, model_dir: str, layers: list[int], run_dir: str, sources: list[str], *,
+    def __init__(self, model_dir: str, layers: list[int], run_dir: str, sources: list[str] | None, *,
                  first_stage: bool, record: bool = True, dtype: str | None = None):
+        """Load the layers; with ``sources`` (the calibration's source names) also start recording, else
+        ``begin(sources)`` does (the coordinator starts the stages while it tokenises the calibration set)."""
         self.device = pick_device()
         self.ckpt = ckpt = Checkpoint(model_dir)
         self.config = hf_config(ckpt)
@@ -62,18 +64,27 @@ class LayerShardWorker:
                 weight = f.get_tensor(name)
             self.embed = torch.nn.Embedding.from_pretrained(weight.to(dt) if dt else weight).to(self.device)
         self.run_dir = run_dir
-        self.sources = sources
+        self.record = record
+        self.sources: list[str] | None = None
         self.observers: dict[int, MoEObserver] = {}
         self._hooks = []
         self._meta: dict | None = None
-        if record:
-            spec = ckpt.family.router_spec(ckpt.config)
-            for i, layer in zip(self.layer_ids, self.layers):
-                if i in ckpt.moe_layers:
-                    obs = MoEObserver(i, ckpt.family, spec, ckpt.num_experts, len(sources),
-                                      SampleWriter(layer_dir(run_dir, i), sources))
-                    self.observers[i] = obs
-                    self._hooks.append(layer.mlp.register_forward_hook(self._hook(obs)))
+        if sources is not None:
+            self.begin(sources)
+
+    def begin(self, sources: list[str]) -> None:
+        """Observe every MoE layer this stage holds (when recording), with statistics per source."""
+        self.sources = sources
+        if not self.record:
+            return
+        ckpt = self.ckpt
+        spec = ckpt.family.router_spec(ckpt.config)
+        for i, layer in zip(self.layer_ids, self.layers):
+            if i in ckpt.moe_layers:
+                obs = MoEObserver(i, ckpt.family, spec, ckpt.num_experts, len(sources),
+                                  SampleWriter(layer_dir(self.run_dir, i), sources))
+                self.observers[i] = obs
+                self._hooks.append(layer.mlp.register_forward_hook(self._hook(obs)))
 
     def _hook(self, obs: MoEObserver):
         def hook(module, args, output):

@@ -687,7 +687,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
         def stage_bytes(st):
             return sum(costs["layers"][i]["bytes"] for i in st["layers"]) + (costs["embed_bytes"] if 0 in st["layers"] else 0)
         st = max(stage_info, key=lambda v: v["load_s"])
-        phase(f"  observe: stage start + weight load (slowest of {len(stage_info)})", round(st["load_s"], 2),
+        phase(f"  stage start + weight load, overlapping calibrate (slowest of {len(stage_info)})", round(st["load_s"], 2),
               read=stage_bytes(st))
         st = max(stage_info, key=lambda v: v["forward_s"])
         phase(f"  observe: forward passes (slowest stage, {st['micro_batches']} micro-batches)", round(st["forward_s"], 2),
