@@ -228,8 +228,8 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
             end = min(start + job.micro_batch, len(ids))
             meta = {"source": block_sources[start:end], "block": np.arange(start, end), "sample": mask[start:end]}
             ref = torch.from_numpy(ids[start:end])
-            for actor in actors:
-                ref = actor.forward.remote(mb, ref, meta)
+            for j, actor in enumerate(actors):
+                ref = actor.forward.remote(mb, ref, meta, last=j == len(actors) - 1)
             inflight.append((ref, (end - start) * ids.shape[1]))
             while len(inflight) >= job.max_inflight:
                 ready, _ = ray.wait([r for r, _ in inflight], num_returns=1)

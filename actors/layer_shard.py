@@ -53,7 +53,7 @@ class LayerShardWorker:
         self.config = hf_config(ckpt)
         dt = _dtype(dtype)
         self.layer_ids = list(layers)
-        self.layers = [build_layer(ckpt, i, config=self.config, device=self.device, dtype=dt) for i in layers]
+        self.layers = self._load_layers(dt)
         self.rotary = rotary_embedding(ckpt, self.config, self.device)
         self.embed = None
         if first_stage:
@@ -71,6 +71,27 @@ class LayerShardWorker:
         self._meta: dict | None = None
         if sources is not None:
             self.begin(sources)
+
+    def _load_layers(self, dtype) -> list[torch.nn.Module]:
+        """Build this stage's layers, reading layer j+1's tensors in a background thread while layer j is built
+        and copied to the device (the first read also overlaps the modeling import). At most one layer is read
+        ahead, so host memory holds at most two layers' tensors on the way to a GPU."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from mop_ray.arch.layer import layer_state_dict
+
+        ids, layers = self.layer_ids, []
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
+        try:
+            ahead = reader.submit(layer_state_dict, self.ckpt, ids[0]) if ids else None
+            for j, i in enumerate(ids):
+                sd = ahead.result()
+                ahead = reader.submit(layer_state_dict, self.ckpt, ids[j + 1]) if j + 1 < len(ids) else None
+                layers.append(build_layer(self.ckpt, i, config=self.config, device=self.device, dtype=dtype, state_dict=sd))
+                del sd
+        finally:
+            reader.shutdown(wait=True, cancel_futures=True)
+        return layers
 
     def begin(self, sources: list[str]) -> None:
         """Observe every MoE layer this stage holds (when recording), with statistics per source."""
@@ -95,8 +116,9 @@ class LayerShardWorker:
         return hook
 
     @torch.no_grad()
-    def forward(self, mb_id: int, inp: torch.Tensor, meta: dict) -> torch.Tensor:
-        """Run one micro-batch: token ids [B, L] on the first stage, hidden states [B, L, H] after; -> [B, L, H] CPU."""
+    def forward(self, mb_id: int, inp: torch.Tensor, meta: dict, last: bool = False) -> torch.Tensor | None:
+        """Run one micro-batch: token ids [B, L] on the first stage, hidden states [B, L, H] after; -> [B, L, H] CPU
+        for the next stage, None from the ``last`` stage (nobody needs its hidden states)."""
         _fault_injection(self.layer_ids, mb_id)
         h = self.embed(inp.to(self.device)) if self.embed is not None else inp.to(self.device)
         bsz, seq = h.shape[:2]
@@ -110,6 +132,10 @@ class LayerShardWorker:
             out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
             h = out[0] if isinstance(out, tuple) else out
         self._meta = None
+        if last:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()  # the micro-batch is done (and timed) when the call returns
+            return None
         return h.cpu()
 
     def finish(self) -> dict[int, dict]:

@@ -386,7 +386,7 @@ def make_bench_shard(base):
 
         def forward(self, *args, **kwargs):
             t0 = time.perf_counter()
-            out = super().forward(*args, **kwargs)  # returns a CPU tensor: the device work is finished
+            out = super().forward(*args, **kwargs)  # returns once the device work is finished (CPU tensor or sync)
             self._bench["forward_s"] += time.perf_counter() - t0
             self._bench["micro_batches"] += 1
             return out

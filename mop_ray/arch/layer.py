@@ -198,13 +198,16 @@ def layer_state_dict(ckpt: Checkpoint, i: int) -> dict[str, torch.Tensor]:
 
 
 def build_layer(ckpt: Checkpoint, i: int, *, config=None, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Decoder layer i of ``ckpt``, built on meta and filled with its own tensors only (eval mode)."""
+                dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Decoder layer i of ``ckpt``, built on meta and filled with its own tensors only (eval mode).
+
+    ``state_dict``: the layer's ``layer_state_dict``, when the caller has read it already (e.g. ahead of time).
+    """
     config = config or hf_config(ckpt)
     cls = getattr(ckpt.family.modeling(), ckpt.family.decoder_layer_class)
     with torch.device("meta"):
         layer = cls(config, layer_idx=i)
-    sd = layer_state_dict(ckpt, i)
+    sd = layer_state_dict(ckpt, i) if state_dict is None else state_dict
     try:
         layer.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
