@@ -285,14 +285,14 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
     results, where = None, "tasks"
     if live is not None and method.needs_weights:
         moe = set(ckpt.moe_layers)
-        refs = [actor.select.remote([layer_context(ckpt, i, job.seed, params=params) for i in st.layers if i in moe],
+        refs = [actor.select.remote([layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype) for i in st.layers if i in moe],
                                     job.method, job.keep) for st, actor in zip(live.stages, live.actors)]
         try:
             results, where = [res for part in ray.get(refs) for res in part], "stages"
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
             log(f"select: a stage was lost ({type(e).__name__}); selecting in tasks instead")
     if results is None:
-        refs = [select_layer_task.options(**opts).remote(str(run), layer_context(ckpt, i, job.seed, params=params),
+        refs = [select_layer_task.options(**opts).remote(str(run), layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype),
                                                          job.method, job.keep) for i in ckpt.moe_layers]
         results = list(tqdm(ray.get(refs), desc="select", disable=not job.progress))
     if method.combine is not None:  # a cross-layer stage (C-Prune global) picks the final ids of every layer

@@ -16,10 +16,10 @@ from mop_ray.errors import MopError
 from mop_ray.methods import LayerContext, choose, get_method
 
 
-def layer_context(ckpt: Checkpoint, layer: int, seed: int, records=None, params=None) -> LayerContext:
+def layer_context(ckpt: Checkpoint, layer: int, seed: int, records=None, params=None, dtype: str | None = None) -> LayerContext:
     groups = ckpt.family.group_constraints(ckpt.config)
     return LayerContext(layer, ckpt.num_experts, ckpt.top_k, groups[0] if groups else 1, seed, records, params or {},
-                        model_dir=str(ckpt.path))
+                        model_dir=str(ckpt.path), dtype=dtype)
 
 
 def keep_map_from_method(ckpt: Checkpoint, method: str, r: int, seed: int = 0) -> tuple[dict[int, list[int]], dict]:

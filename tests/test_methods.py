@@ -141,11 +141,12 @@ def test_prune_mop_end_to_end_loads_in_transformers(tiny_models, family, tmp_pat
         assert set(det["general"]) | set(det["specialists"]) == set(pruning["keep_map"][layer])
 
 
-@pytest.mark.parametrize("fam, method", [("deepseek_v3", "mop"), ("mixtral", "enu"), ("qwen2_moe", "cprune")])
-def test_selection_in_the_stages_equals_selection_in_tasks(tiny_models, tmp_path, ray_local, fam, method):
+@pytest.mark.parametrize("fam, method, dtype", [("deepseek_v3", "mop", None), ("mixtral", "enu", None),
+                                               ("qwen2_moe", "cprune", None), ("olmoe", "gvp", "bfloat16")])
+def test_selection_in_the_stages_equals_selection_in_tasks(tiny_models, tmp_path, ray_local, fam, method, dtype):
     """A method that recomputes experts selects inside the stage actors, with the layers they hold (two stages
     here); redoing only the select phase from the same records, in one task per layer that loads its layer from
-    disk, gives the same kept experts and scores."""
+    disk (in the stages' --dtype), gives the same kept experts and scores."""
     import json
 
     from actors.coordinator import run
@@ -153,15 +154,15 @@ def test_selection_in_the_stages_equals_selection_in_tasks(tiny_models, tmp_path
     from conftest import small_job
 
     run_dir = tmp_path / "run"
-    job = small_job(tiny_models[fam], tmp_path / "a", method=method, stages=2, run_dir=str(run_dir))
+    job = small_job(tiny_models[fam], tmp_path / "a", method=method, stages=2, run_dir=str(run_dir), dtype=dtype)
     staged = run(job, log=lambda *_: None)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     first = manifest["phases"].pop("select")
     assert first["in"] == "stages"
     (run_dir / "manifest.json").write_text(json.dumps(manifest))  # the select phase is redone, nothing else
     lines = []
-    tasks = run(small_job(tiny_models[fam], tmp_path / "b", method=method, stages=2, run_dir=str(run_dir), resume=True),
-                log=lines.append)
+    tasks = run(small_job(tiny_models[fam], tmp_path / "b", method=method, stages=2, run_dir=str(run_dir), resume=True,
+                          dtype=dtype), log=lines.append)
     again = json.loads((run_dir / "manifest.json").read_text())["phases"]["select"]
     assert again["in"] == "tasks" and any("observe: all layers recorded" in line for line in lines)
     assert tasks["keep_map"] == staged["keep_map"]

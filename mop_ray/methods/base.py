@@ -15,8 +15,9 @@ class LayerContext:
     """What a method sees of one MoE layer.
 
     ``records`` (``mop_ray.observe.records.LayerRecords``) is set for methods that need calibration records;
-    ``model_dir`` lets methods that recompute experts load this layer's weights (``moe_block``); ``block`` is
-    that MoE block when it is already in memory (a stage actor selecting for the layers it holds).
+    ``model_dir`` lets methods that recompute experts load this layer's weights (``moe_block``, in ``dtype``, as the
+    stages computed); ``block`` is that MoE block when it is already in memory (a stage actor selecting for the
+    layers it holds).
     """
 
     layer: int
@@ -29,6 +30,7 @@ class LayerContext:
     model_dir: str | None = None
     device: str = "cpu"
     block: object | None = None
+    dtype: str | None = None  # the stages' compute dtype (--dtype); None: the checkpoint's
 
     def moe_block(self):
         """This layer's MoE block (router, experts, shared experts), eval mode: ``block``, else loaded from the
@@ -39,7 +41,10 @@ class LayerContext:
         ckpt = Checkpoint(self.model_dir)
         if self.block is not None:
             return self.block, ckpt
-        return build_layer(ckpt, self.layer, device=self.device).mlp, ckpt
+        import torch
+
+        dtype = None if self.dtype in (None, "auto") else getattr(torch, self.dtype)
+        return build_layer(ckpt, self.layer, device=self.device, dtype=dtype).mlp, ckpt
 
 
 @dataclass
