@@ -99,10 +99,13 @@ def sample_mask(n_blocks: int, seq_len: int, sample: int, seed: int) -> np.ndarr
 
 
 def calibrate(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log) -> "datasets.Dataset":  # noqa: F821
+    t_enter = time.time()
     import datasets
     from transformers import AutoTokenizer
 
     from mop_ray.data.calib import build_calibration
+
+    t_imports = time.time() - t_enter
 
     path = run / "calib.parquet"
     if manifest.done("calibrate") and path.exists():
@@ -114,8 +117,10 @@ def calibrate(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, lo
         raise MopError(f"{ckpt.path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     t0 = time.time()
     calib = build_calibration(job.calib, tokenizer, tokens=job.tokens, seq_len=job.seq_len, seed=job.seed, out=path)
-    manifest.mark("calibrate", {"blocks": len(calib), "seq_len": job.seq_len, "seconds": round(time.time() - t0, 2)})
-    log(f"calibrate: {len(calib)} blocks x {job.seq_len} tokens from {job.calib!r} in {time.time() - t0:.1f}s")
+    manifest.mark("calibrate", {"blocks": len(calib), "seq_len": job.seq_len, "seconds": round(time.time() - t0, 2),
+                                "imports_s": round(t_imports, 2), "tokenizer_s": round(t0 - t_enter - t_imports, 2)})
+    log(f"calibrate: {len(calib)} blocks x {job.seq_len} tokens from {job.calib!r} in {time.time() - t0:.1f}s "
+        f"(imports {t_imports:.1f}s, tokenizer {t0 - t_enter - t_imports:.1f}s before)")
     return calib
 
 

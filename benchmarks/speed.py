@@ -707,6 +707,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     cuda_peaks = [v["cuda_peak_bytes"] for v in stage_info + select_info if v.get("cuda_peak_bytes")]
     result = {
         "stages": stages, "wall_s": round(wall, 2), "timings": timings, "phases": phases,
+        "calibrate": manifest["phases"].get("calibrate"),  # tokenising vs imports and tokenizer load
         "tokens": tokens, "observe_tokens_per_s": round(tokens / timings["observe_s"], 1) if timings.get("observe_s") else None,
         "stream_tokens_per_s": (round(tokens / max(v["forward_s"] for v in stage_info), 1)
                                 if stage_info and tokens else None),
