@@ -181,3 +181,33 @@ def test_verify_checks_checksums_and_index(tiny_models, tmp_path, capsys):
     shard.write_bytes(bytes(data))
     assert main(["verify", str(out)]) == 2
     assert "sha256 differs" in capsys.readouterr().err
+
+
+def test_write_shard_streams_pieces_across_chunks_and_reports_a_short_source(tmp_path, monkeypatch):
+    """The threaded copy (read ahead, write, hash) writes tensors assembled from pieces of several files, spanning
+    many chunks, that safetensors loads back exactly, with the file's sha256; a source that ends early fails with
+    one line and no hang."""
+    import hashlib
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    import mop_ray.checkpoint.safetensors_io as io
+    from mop_ray.errors import MopError
+
+    monkeypatch.setattr(io, "COPY_CHUNK", 4096)  # many chunks, few buffers: the queues wrap around often
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((300, 70)).astype(np.float32), rng.standard_normal((50, 33)).astype(np.float32)
+    (tmp_path / "a.bin").write_bytes(b"xx" + a.tobytes())  # data at an offset, as in a safetensors shard
+    (tmp_path / "b.bin").write_bytes(b.tobytes())
+    half = a.nbytes // 2
+    tensors = [io.OutTensor("w.a", "F32", (300, 70), [(tmp_path / "a.bin", 2, half), (tmp_path / "a.bin", 2 + half, a.nbytes - half)]),
+               io.OutTensor("w.b", "F32", (50, 33), [(tmp_path / "b.bin", 0, b.nbytes)])]
+    digest = io.write_shard(tmp_path / "out.safetensors", tensors)
+    assert digest == hashlib.sha256((tmp_path / "out.safetensors").read_bytes()).hexdigest()
+    got = load_file(tmp_path / "out.safetensors")
+    assert np.array_equal(got["w.a"].numpy(), a) and np.array_equal(got["w.b"].numpy(), b)
+
+    short = [io.OutTensor("w.a", "F32", (300, 70), [(tmp_path / "b.bin", 0, a.nbytes)])]  # b.bin is too small
+    with pytest.raises(MopError, match="ended early"):
+        io.write_shard(tmp_path / "bad.safetensors", short)

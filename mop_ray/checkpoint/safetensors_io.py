@@ -28,6 +28,7 @@ DTYPE_SIZES = {
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation refuses larger headers too
 COPY_CHUNK = 16 * 1024 * 1024
+COPY_BUFFERS = 4  # chunks in flight per shard being written (read ahead, written, hashed)
 
 
 @dataclass(frozen=True)
@@ -120,32 +121,67 @@ def header_layout(tensors: list[OutTensor], metadata: dict[str, str]) -> tuple[b
 
 
 def write_shard(path: str | os.PathLike, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> str:
-    """Stream ``tensors`` into a new safetensors file by copying their source byte ranges; return its sha256."""
+    """Stream ``tensors`` into a new safetensors file by copying their source byte ranges; return its sha256.
+
+    Three threads overlap the work (hashlib and file I/O release the GIL): one reads the next chunks from the
+    sources, the caller writes chunk i while another thread hashes it, so a shard costs about the slowest of
+    read, write and hash instead of their sum. At most ``COPY_BUFFERS`` chunks are in memory.
+    """
     import hashlib
+    import queue
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     header, order = header_layout(tensors, metadata or {"format": "pt"})
-    buf = bytearray(COPY_CHUNK)
-    view = memoryview(buf)
-    handles: dict[Path, object] = {}
     digest = hashlib.sha256(header)
-    try:
-        with open(path, "wb") as out:
-            out.write(header)
+    free: queue.Queue = queue.Queue()
+    for _ in range(COPY_BUFFERS):
+        free.put(bytearray(COPY_CHUNK))
+    filled: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def read_all() -> None:  # -> (buffer, length) chunks in output order, then None; an exception ends it too
+        handles: dict[Path, object] = {}
+        try:
             for t in order:
                 for src, offset, nbytes in t.pieces:
                     f = handles.get(src) or handles.setdefault(src, open(src, "rb"))
                     f.seek(offset)
                     left = nbytes
                     while left:
-                        got = f.readinto(view[: min(left, COPY_CHUNK)])
+                        buf = free.get()
+                        if stop.is_set():
+                            return
+                        got = f.readinto(memoryview(buf)[: min(left, COPY_CHUNK)])
                         if not got:
                             raise MopError(f"{src}: file ended early while copying tensor {t.name!r}")
-                        out.write(view[:got])
-                        digest.update(view[:got])
+                        filled.put((buf, got))
                         left -= got
+            filled.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the writing thread, which raises it
+            filled.put(e)
+        finally:
+            for f in handles.values():
+                f.close()
+
+    reader = threading.Thread(target=read_all, name="shard-read", daemon=True)
+    reader.start()
+    try:
+        with open(path, "wb") as out, ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-hash") as hasher:
+            out.write(header)
+            while (item := filled.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                buf, got = item
+                view = memoryview(buf)[:got]
+                hashed = hasher.submit(digest.update, view)  # in order: one hashing thread
+                out.write(view)
+                hashed.result()
+                free.put(buf)
     finally:
-        for f in handles.values():
-            f.close()
+        stop.set()
+        free.put(bytearray(0))  # wakes a reader waiting for a buffer
+        reader.join()
     return digest.hexdigest()
 
 
