@@ -195,7 +195,7 @@ def test_write_shard_streams_pieces_across_chunks_and_reports_a_short_source(tmp
     import mop_ray.checkpoint.safetensors_io as io
     from mop_ray.errors import MopError
 
-    monkeypatch.setattr(io, "COPY_CHUNK", 4096)  # many chunks, few buffers: the queues wrap around often
+    monkeypatch.setattr(io, "WRITE_CHUNK", 4096)  # many chunks, few buffers: the queues wrap around often
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((300, 70)).astype(np.float32), rng.standard_normal((50, 33)).astype(np.float32)
     (tmp_path / "a.bin").write_bytes(b"xx" + a.tobytes())  # data at an offset, as in a safetensors shard

@@ -28,7 +28,8 @@ DTYPE_SIZES = {
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation refuses larger headers too
 COPY_CHUNK = 16 * 1024 * 1024
-COPY_BUFFERS = 4  # chunks in flight per shard being written (read ahead, written, hashed)
+COPY_BUFFERS = 3  # chunks in flight per shard being written (read ahead, written, hashed)
+WRITE_CHUNK = 8 * 1024 * 1024  # their size: 24 MB per shard writer, below one small layer (tests/test_memory.py)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def write_shard(path: str | os.PathLike, tensors: list[OutTensor], metadata: dic
 
     Three threads overlap the work (hashlib and file I/O release the GIL): one reads the next chunks from the
     sources, the caller writes chunk i while another thread hashes it, so a shard costs about the slowest of
-    read, write and hash instead of their sum. At most ``COPY_BUFFERS`` chunks are in memory.
+    read, write and hash instead of their sum. At most ``COPY_BUFFERS`` chunks of ``WRITE_CHUNK`` bytes are in memory.
     """
     import hashlib
     import queue
@@ -136,7 +137,7 @@ def write_shard(path: str | os.PathLike, tensors: list[OutTensor], metadata: dic
     digest = hashlib.sha256(header)
     free: queue.Queue = queue.Queue()
     for _ in range(COPY_BUFFERS):
-        free.put(bytearray(COPY_CHUNK))
+        free.put(bytearray(WRITE_CHUNK))
     filled: queue.Queue = queue.Queue()
     stop = threading.Event()
 
@@ -152,7 +153,7 @@ def write_shard(path: str | os.PathLike, tensors: list[OutTensor], metadata: dic
                         buf = free.get()
                         if stop.is_set():
                             return
-                        got = f.readinto(memoryview(buf)[: min(left, COPY_CHUNK)])
+                        got = f.readinto(memoryview(buf)[: min(left, WRITE_CHUNK)])
                         if not got:
                             raise MopError(f"{src}: file ended early while copying tensor {t.name!r}")
                         filled.put((buf, got))
