@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from mop_ray.arch.layer import build_layer, hf_config, rotary_embedding
+from mop_ray.arch.layer import build_layer, dtype_named, hf_config, rotary_embedding
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.observe.observer import MoEObserver
 from mop_ray.observe.records import SampleWriter, layer_dir, write_stats
@@ -37,10 +37,6 @@ def _fault_injection(layers: list[int], mb_id: int | str) -> None:
         os._exit(1)
 
 
-def _dtype(name: str | None) -> torch.dtype | None:
-    return None if name in (None, "auto") else getattr(torch, name)
-
-
 class LayerShardWorker:
     """The actor body; ``ray.remote(LayerShardWorker)`` is created by the coordinator with its resources."""
 
@@ -51,7 +47,7 @@ class LayerShardWorker:
         self.device = pick_device()
         self.ckpt = ckpt = Checkpoint(model_dir)
         self.config = hf_config(ckpt)
-        dt = _dtype(dtype)
+        dt = dtype_named(dtype)
         self.layer_ids = list(layers)
         self.layers = self._load_layers(dt)
         self.rotary = rotary_embedding(ckpt, self.config, self.device)

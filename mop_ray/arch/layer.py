@@ -197,6 +197,11 @@ def layer_state_dict(ckpt: Checkpoint, i: int) -> dict[str, torch.Tensor]:
     return sd
 
 
+def dtype_named(name: str | None) -> torch.dtype | None:
+    """A ``--dtype`` value ("bfloat16", "float32", ...) as a torch dtype; None or "auto": the checkpoint's."""
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
 def build_layer(ckpt: Checkpoint, i: int, *, config=None, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """Decoder layer i of ``ckpt``, built on meta and filled with its own tensors only (eval mode).

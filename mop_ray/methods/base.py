@@ -35,16 +35,13 @@ class LayerContext:
     def moe_block(self):
         """This layer's MoE block (router, experts, shared experts), eval mode: ``block``, else loaded from the
         checkpoint; with the checkpoint."""
-        from mop_ray.arch.layer import build_layer
+        from mop_ray.arch.layer import build_layer, dtype_named
         from mop_ray.checkpoint.reader import Checkpoint
 
         ckpt = Checkpoint(self.model_dir)
         if self.block is not None:
             return self.block, ckpt
-        import torch
-
-        dtype = None if self.dtype in (None, "auto") else getattr(torch, self.dtype)
-        return build_layer(ckpt, self.layer, device=self.device, dtype=dtype).mlp, ckpt
+        return build_layer(ckpt, self.layer, device=self.device, dtype=dtype_named(self.dtype)).mlp, ckpt
 
 
 @dataclass
