@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from actors.cluster import check_reachable, connect, default_stages, started_locally
 from actors.layer_shard import LayerShardWorker
-from actors.tasks import combine_layers_task, ray_shard_writer, select_layer_task
+from actors.shard_writer import ray_shard_writer
+from actors.tasks import combine_layers_task, select_layer_task
 from mop_ray.checkpoint.keepmap import check_r
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.checkpoint.writer import check_out, write_pruned

@@ -9,11 +9,12 @@ the block's input and output to an ``MoEObserver`` (statistics over all tokens +
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
 
-from mop_ray.arch.layer import build_layer, dtype_named, hf_config, rotary_embedding
+from mop_ray.arch.layer import build_layer, dtype_named, hf_config, layer_state_dict, rotary_embedding
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.observe.observer import MoEObserver
 from mop_ray.observe.records import SampleWriter, layer_dir, write_stats
@@ -44,21 +45,31 @@ class LayerShardWorker:
                  first_stage: bool, record: bool = True, dtype: str | None = None):
         """Load the layers; with ``sources`` (the calibration's source names) also start recording, else
         ``begin(sources)`` does (the coordinator starts the stages while it tokenises the calibration set)."""
-        self.device = pick_device()
-        self.ckpt = ckpt = Checkpoint(model_dir)
-        self.config = hf_config(ckpt)
-        dt = dtype_named(dtype)
-        self.layer_ids = list(layers)
-        self.layers = self._load_layers(dt)
-        self.rotary = rotary_embedding(ckpt, self.config, self.device)
-        self.embed = None
-        if first_stage:
-            from safetensors import safe_open
+        from concurrent.futures import ThreadPoolExecutor
 
-            name = "model.embed_tokens.weight"
-            with safe_open(ckpt.tensors[name].path, "pt") as f:
-                weight = f.get_tensor(name)
-            self.embed = torch.nn.Embedding.from_pretrained(weight.to(dt) if dt else weight).to(self.device)
+        t0 = time.perf_counter()
+        self.load_times: dict[str, float] = {"read_s": 0.0}  # seconds per step of the start (logs, benchmarks/speed.py)
+        self.ckpt = ckpt = Checkpoint(model_dir)
+        self.layer_ids = list(layers)
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
+        try:  # the first layer's read (and the embedding's) overlap the imports and the device's initialisation
+            ahead = reader.submit(self._read, self.layer_ids[0]) if self.layer_ids else None
+            embed = reader.submit(self._read_embedding) if first_stage else None
+            self.device = pick_device()
+            self.config = hf_config(ckpt)
+            dt = dtype_named(dtype)
+            self.load_times["config_s"] = time.perf_counter() - t0
+            self.layers = self._load_layers(dt, reader, ahead)
+            t1 = time.perf_counter()
+            self.rotary = rotary_embedding(ckpt, self.config, self.device)
+            self.embed = None
+            if embed is not None:
+                weight = embed.result()
+                self.embed = torch.nn.Embedding.from_pretrained(weight.to(dt) if dt else weight).to(self.device)
+        finally:
+            reader.shutdown(wait=True, cancel_futures=True)
+        self.load_times["rotary_embed_s"] = time.perf_counter() - t1
+        self.load_times["total_s"] = time.perf_counter() - t0
         self.run_dir = run_dir
         self.record = record
         self.sources: list[str] | None = None
@@ -68,25 +79,36 @@ class LayerShardWorker:
         if sources is not None:
             self.begin(sources)
 
-    def _load_layers(self, dtype) -> list[torch.nn.Module]:
-        """Build this stage's layers, reading layer j+1's tensors in a background thread while layer j is built
-        and copied to the device (the first read also overlaps the modeling import). At most one layer is read
-        ahead, so host memory holds at most two layers' tensors on the way to a GPU."""
-        from concurrent.futures import ThreadPoolExecutor
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        t = time.perf_counter()
+        sd = layer_state_dict(self.ckpt, i)
+        self.load_times["read_s"] += time.perf_counter() - t  # in the reader thread, overlapping the builds
+        return sd
 
-        from mop_ray.arch.layer import layer_state_dict
+    def _read_embedding(self) -> torch.Tensor:
+        from safetensors import safe_open
 
-        ids, layers = self.layer_ids, []
-        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
-        try:
-            ahead = reader.submit(layer_state_dict, self.ckpt, ids[0]) if ids else None
-            for j, i in enumerate(ids):
-                sd = ahead.result()
-                ahead = reader.submit(layer_state_dict, self.ckpt, ids[j + 1]) if j + 1 < len(ids) else None
-                layers.append(build_layer(self.ckpt, i, config=self.config, device=self.device, dtype=dtype, state_dict=sd))
-                del sd
-        finally:
-            reader.shutdown(wait=True, cancel_futures=True)
+        name = "model.embed_tokens.weight"
+        with safe_open(self.ckpt.tensors[name].path, "pt") as f:
+            return f.get_tensor(name)  # [V, H]
+
+    def _load_layers(self, dtype, reader, ahead) -> list[torch.nn.Module]:
+        """Build this stage's layers while ``reader`` reads layer j+1 (``ahead``: the first layer's read, already
+        submitted). At most one layer is read ahead, so host memory holds at most two layers' tensors (and the
+        first stage's embedding) on the way to a GPU."""
+        ids, layers, times = self.layer_ids, [], self.load_times
+        times["read_wait_s"] = times["build_s"] = 0.0
+        for j, i in enumerate(ids):
+            t = time.perf_counter()
+            sd = ahead.result()
+            times["read_wait_s"] += time.perf_counter() - t
+            ahead = reader.submit(self._read, ids[j + 1]) if j + 1 < len(ids) else None
+            t = time.perf_counter()
+            layers.append(build_layer(self.ckpt, i, config=self.config, device=self.device, dtype=dtype, state_dict=sd))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            times["build_s"] += time.perf_counter() - t  # build on meta, assign, copy to the device
+            del sd
         return layers
 
     def begin(self, sources: list[str]) -> None:
@@ -122,7 +144,7 @@ class LayerShardWorker:
         pe = self.rotary(h, pos)
         source = torch.as_tensor(np.repeat(meta["source"], seq))  # [B*L]
         block = torch.as_tensor(np.repeat(meta["block"], seq))
-        self._meta = {"source": source, "block": block, "pos": pos.reshape(-1).cpu(),
+        self._meta = {"source": source, "block": block, "pos": torch.arange(seq).repeat(bsz),  # host, [B*L]
                       "sample": torch.from_numpy(np.array(meta["sample"], dtype=bool)).reshape(-1)}
         for layer in self.layers:
             out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
@@ -132,6 +154,9 @@ class LayerShardWorker:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()  # the micro-batch is done (and timed) when the call returns
             return None
+        if self.device.type == "cuda":  # through (cached) pinned memory: a direct DMA, no page faults
+            host = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+            return host.copy_(h)
         return h.cpu()
 
     def finish(self) -> dict[int, dict]:
@@ -140,7 +165,7 @@ class LayerShardWorker:
             handle.remove()
         self._hooks.clear()
         done = {}
-        for i, obs in self.observers.items():
+        for i, obs in self.observers.items():  # obs.stats: the device's sums, brought to the host once
             rows = obs.sample_writer.rows
             obs.sample_writer.close()
             write_stats(layer_dir(self.run_dir, i), self.sources, obs.tokens, obs.stats)

@@ -1,4 +1,4 @@
-"""Ray tasks of the select and write phases: pure functions of files, safe to retry."""
+"""Ray tasks of the select phase: pure functions of files, safe to retry (the write phase's: ``actors.shard_writer``)."""
 
 from __future__ import annotations
 
@@ -34,31 +34,5 @@ def combine_layers(model_dir: str, method: str, results: list, r: int, params: d
     return [(layer, kept[layer], c.scores, c.details) for layer, c in sorted(choices.items())]
 
 
-def write_shard(directory: str, index: int, count: int, tensors) -> tuple[str, str]:
-    import os
-
-    from mop_ray.checkpoint.writer import write_one_shard
-
-    fault = os.environ.get("MOP_RAY_FAULT_WRITE")  # test hook "<shard index>:<marker>": crash once mid-write
-    if fault:
-        shard, marker = fault.split(":", 1)
-        if int(shard) == index and not os.path.exists(marker):
-            open(marker, "w").close()
-            (Path(directory) / f"model-{index + 1:05d}-of-{count:05d}.safetensors").write_bytes(b"partial")
-            os._exit(1)
-
-    return write_one_shard(Path(directory), index, count, tensors)
-
-
 select_layer_task = ray.remote(max_retries=3)(select_layer)
 combine_layers_task = ray.remote(max_retries=3)(combine_layers)
-write_shard_task = ray.remote(max_retries=3)(write_shard)
-
-
-def ray_shard_writer(num_cpus: float = 0.5, runtime_env: dict | None = None):
-    """A ``shard_writer`` for ``write_pruned`` that writes every output shard as its own (retried) Ray task."""
-    def write(directory: Path, plans):
-        opts = {"num_cpus": num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})}
-        refs = [write_shard_task.options(**opts).remote(str(directory), i, n, tensors) for i, n, tensors in plans]
-        return ray.get(refs)
-    return write

@@ -50,7 +50,8 @@ L, S sampled tokens per MoE layer; parameters P are counted from the checkpoint'
 Read floors (bytes / measured read GB/s): observe: every decoder layer's tensors + the embedding (what the
   stages load); select: the records each task reads (sample + stats Parquet) + for ``needs_weights`` methods
   the MoE block's tensors, unless they selected inside the stages (manifest ``select.in``), which hold them; write: the output's bytes (each read once from the source).
-Write floor (bytes / measured write GB/s): write: the output's bytes.
+Write floors (bytes / measured write GB/s): observe: the records it writes (sample.arrow + stats.parquet), which
+  stream out while the micro-batches run; write: the output's bytes.
 """
 
 from __future__ import annotations
@@ -362,6 +363,16 @@ def _vm_hwm() -> int:
         return 0
 
 
+def _process_start_unix() -> float | None:
+    """When this process started (Linux /proc), to tell a Ray worker's start and imports from its __init__."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def _bench_write(run_dir, name: str, data: dict) -> None:
     d = Path(run_dir) / "bench"
     d.mkdir(parents=True, exist_ok=True)
@@ -375,19 +386,22 @@ def make_bench_shard(base):
         def __init__(self, *args, **kwargs):
             import torch
 
-            t0 = time.perf_counter()
+            t0, init_unix = time.perf_counter(), time.time()
             super().__init__(*args, **kwargs)
             cuda = self.device.type == "cuda"
             if cuda:
                 torch.cuda.synchronize()
             self._bench = {"layers": list(self.layer_ids), "device": str(self.device), "load_s": time.perf_counter() - t0,
-                           "forward_s": 0.0, "micro_batches": 0,
+                           "load_times": getattr(self, "load_times", None), "init_unix": init_unix,
+                           "process_start_unix": _process_start_unix(),
+                           "forward_s": 0.0, "forward_each_s": [], "micro_batches": 0,
                            "weights_gpu_bytes": torch.cuda.memory_allocated() if cuda else None}
 
         def forward(self, *args, **kwargs):
             t0 = time.perf_counter()
             out = super().forward(*args, **kwargs)  # returns once the device work is finished (CPU tensor or sync)
             self._bench["forward_s"] += time.perf_counter() - t0
+            self._bench["forward_each_s"].append(round(time.perf_counter() - t0, 4))
             self._bench["micro_batches"] += 1
             return out
 
@@ -626,6 +640,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
 
     from actors.coordinator import PruneJob, run
     from mop_ray.methods import get_method
+    from mop_ray.observe.records import layer_dir
 
     method = get_method(args.method)
     out, run_dir = work / f"pruned-s{stages}", work / f"run-s{stages}"
@@ -641,7 +656,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     host, gpu = HostMemory(args.poll), GpuMemory(args.poll)
     host.start()
     gpu.start()
-    t0 = time.perf_counter()
+    t0, start_unix = time.perf_counter(), time.time()
     try:
         res = run(job, log=log)
     finally:
@@ -659,6 +674,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     tflops, read_bw, write_bw = floors["matmul"]["tflops"] or 0, floors["read"]["gb_per_s"], floors["write"]["gb_per_s"]
     observe_read = sum(r["bytes"] for r in costs["layers"].values()) + costs["embed_bytes"]
     records = run_dir / "records"
+    records_bytes = dir_bytes(records, "sample.arrow") + dir_bytes(records, "stats.parquet")
     select_read = (dir_bytes(records, "sample.arrow") if method.needs_records else 0) + dir_bytes(records, "stats.parquet")
     in_stages = (manifest["phases"].get("select") or {}).get("in") == "stages"  # the stages' weights, not re-read
     if method.needs_weights and not in_stages:
@@ -682,7 +698,8 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     select_info = [v for k, v in bench.items() if k.startswith("select-")]
     phase("calibrate", timings.get("calibrate_s"))
     if "observe_s" in timings:
-        phase("observe", timings["observe_s"], observe_flops(costs, tokens, args.seq_len), observe_read)
+        # the records' bytes (sample + statistics) are written while the micro-batches stream: a floor of their own
+        phase("observe", timings["observe_s"], observe_flops(costs, tokens, args.seq_len), observe_read, records_bytes)
     if stage_info:  # the slowest stage's weight load and its forward time (stages work concurrently)
         def stage_bytes(st):
             return sum(costs["layers"][i]["bytes"] for i in st["layers"]) + (costs["embed_bytes"] if 0 in st["layers"] else 0)
@@ -690,8 +707,9 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
         phase(f"  stage start + weight load, overlapping calibrate (slowest of {len(stage_info)})", round(st["load_s"], 2),
               read=stage_bytes(st))
         st = max(stage_info, key=lambda v: v["forward_s"])
+        stage_records = sum(dir_bytes(layer_dir(run_dir, i), "sample.arrow") for i in st["layers"] if i in costs["moe_layers"])
         phase(f"  observe: forward passes (slowest stage, {st['micro_batches']} micro-batches)", round(st["forward_s"], 2),
-              observe_flops(costs, tokens, args.seq_len, set(st["layers"])))
+              observe_flops(costs, tokens, args.seq_len, set(st["layers"])), written=stage_records)
     phase("select", timings.get("select_s"), select_flops(costs, ckpt, method, sample_rows, args.keep), select_read)
     if select_info and method.needs_weights and not in_stages:
         phase(f"  select: layer loads in the {len(select_info)} tasks (sum)", round(sum(v["load_s"] for v in select_info), 2),
@@ -706,7 +724,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
 
     cuda_peaks = [v["cuda_peak_bytes"] for v in stage_info + select_info if v.get("cuda_peak_bytes")]
     result = {
-        "stages": stages, "wall_s": round(wall, 2), "timings": timings, "phases": phases,
+        "stages": stages, "wall_s": round(wall, 2), "timings": timings, "phases": phases, "run_start_unix": start_unix,
         "calibrate": manifest["phases"].get("calibrate"),  # tokenising vs imports and tokenizer load
         "tokens": tokens, "observe_tokens_per_s": round(tokens / timings["observe_s"], 1) if timings.get("observe_s") else None,
         "stream_tokens_per_s": (round(tokens / max(v["forward_s"] for v in stage_info), 1)
@@ -807,8 +825,10 @@ def main(argv: list[str] | None = None) -> int:
     from mop_ray.errors import MopError
     from mop_ray.methods import get_method
 
-    def log(*a):
-        print(*a, file=sys.stderr, flush=True)
+    t_log = time.perf_counter()
+
+    def log(*a):  # seconds since start first, so a slow step between two lines shows
+        print(f"[{time.perf_counter() - t_log:7.2f}]", *a, file=sys.stderr, flush=True)
 
     try:
         ckpt = Checkpoint(args.model)

@@ -211,3 +211,11 @@ def test_write_shard_streams_pieces_across_chunks_and_reports_a_short_source(tmp
     short = [io.OutTensor("w.a", "F32", (300, 70), [(tmp_path / "b.bin", 0, a.nbytes)])]  # b.bin is too small
     with pytest.raises(MopError, match="ended early"):
         io.write_shard(tmp_path / "bad.safetensors", short)
+
+
+def test_the_shard_writer_task_module_imports_no_torch():
+    """A Ray worker imports the module a task is defined in: the writer's must stay light (torch alone costs
+    seconds per fresh writer process on a GPU node)."""
+    code = "import sys, actors.shard_writer; print(sorted(m for m in ('torch', 'pyarrow', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

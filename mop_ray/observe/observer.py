@@ -10,7 +10,7 @@ per (source s, expert e), summed over tokens (float64):
 - ``err_sum``   Σ_all ‖E_e(x) − Z‖² where E_e is the layer with only e kept (MoP Eq. 5–7 before domains);
 - ``p_sum``, ``plogp_sum``  Σ p_e and Σ p_e·log2 p_e of the full-softmax router probability, from which
   MoP Eq. 2 is exact: S_var(e) = plogp_sum/p_sum − log2 p_sum + log2 N;
-and ``tokens`` per source. The sample rows (X, Z, router logits, source, block, position) go to Parquet.
+and ``tokens`` per source. The sample rows (X, Z, router logits, source, block, position) go to ``sample.arrow`` (records.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from mop_ray.arch import Family, RouterSpec, route
 from mop_ray.arch.experts import expert_forward
-from mop_ray.observe.records import STAT_FIELDS, SampleWriter, bf16_bits
+from mop_ray.observe.records import STAT_FIELDS, SampleWriter
 
 
 def single_expert_weight(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
@@ -31,59 +31,82 @@ def single_expert_weight(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor
 
 
 class MoEObserver:
+    """Statistics are summed on the block's device (float64) and come to the host once, in ``stats``; the
+    sampled rows go to the host through pinned memory without stalling the device (``SampleWriter`` waits)."""
+
     def __init__(self, layer: int, family: Family, spec: RouterSpec, n_experts: int, n_sources: int,
                  sample_writer: SampleWriter | None):
         self.layer, self.family, self.spec = layer, family, spec
         self.n_experts, self.n_sources = n_experts, n_sources
-        self.stats = {f: np.zeros((n_sources, n_experts), dtype=np.float64) for f in STAT_FIELDS}
+        self._sums: dict[str, torch.Tensor] | None = None  # {field: [S, E] float64} on the block's device
         self.tokens = np.zeros(n_sources, dtype=np.int64)
         self.sample_writer = sample_writer
+
+    @property
+    def stats(self) -> dict[str, np.ndarray]:
+        """{field: [S, E] float64} summed over the micro-batches so far."""
+        if self._sums is None:
+            return {f: np.zeros((self.n_sources, self.n_experts), dtype=np.float64) for f in STAT_FIELDS}
+        return {f: v.cpu().numpy() for f, v in self._sums.items()}
 
     @torch.no_grad()
     def observe(self, moe: torch.nn.Module, x: torch.Tensor, z: torch.Tensor, source: torch.Tensor,
                 sample: torch.Tensor | None, block: torch.Tensor, pos: torch.Tensor) -> None:
-        """x, z: [T, H] MoE input/output; source, block, pos: [T] int; sample: [T] bool rows to record."""
+        """x, z: [T, H] MoE input/output; source, block, pos: [T] int (host); sample: [T] bool rows to record."""
         gate = moe.gate
+        dev = x.device
         logits = torch.nn.functional.linear(x.float(), gate.weight.float())  # [T, E]
         bias = getattr(gate, "e_score_correction_bias", None)
         idx, w = route(self.spec, logits, bias)  # [T, k] ids and gate weights
         g = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # [T, k] renormalised top-k gates (REAP)
         p = logits.double().softmax(dim=-1)  # [T, E] full-softmax probabilities (MoP Eq. 2)
         shared = self.family.shared_output(moe, x)
-        base = -z.float() if shared is None else shared.float() - z.float()  # E_e(x) − Z = c·f_e + base
+        base = -z.float() if shared is None else shared.float() - z.float()  # [T, H]: E_e(x) − Z = c·f_e + base
         c = single_expert_weight(self.spec, logits)  # [T, E]
 
         T, E = logits.shape
-        routed_gate = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter_(1, idx, g)  # [T, E]
-        routed = torch.zeros(T, E, dtype=torch.bool, device=x.device).scatter_(1, idx, True)  # [T, E]
-        norms = torch.empty(T, E, dtype=torch.float32, device=x.device)
-        err = torch.empty(T, E, dtype=torch.float64, device=x.device)
+        routed_gate = torch.zeros(T, E, dtype=torch.float32, device=dev).scatter_(1, idx, g)  # [T, E]
+        routed = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, idx, True)  # [T, E]
+        norms = torch.empty(T, E, dtype=torch.float32, device=dev)
+        err = torch.empty(T, E, dtype=torch.float32, device=dev)  # per token in float32, summed in float64
         for e in range(E):  # one batched expert evaluation over all T tokens
             f = expert_forward(moe.experts, x, e).float()  # [T, H]
-            norms[:, e] = f.norm(dim=-1)
-            err[:, e] = (c[:, e, None] * f + base).double().pow(2).sum(dim=-1)
+            norms[:, e] = torch.linalg.vector_norm(f, dim=-1)
+            err[:, e] = torch.addcmul(base, c[:, e, None], f).square().sum(dim=-1)  # MoP Eq. 5: ‖E_e(x) − Z‖²
 
         per_token = {
-            "freq": routed.double(),
-            "reap_sum": (routed_gate * norms).double(),
-            "ean_sum": (routed * norms).double(),
+            "freq": routed,
+            "reap_sum": routed_gate * norms,
+            "ean_sum": routed * norms,
             "err_sum": err,
             "p_sum": p,
             "plogp_sum": torch.where(p > 0, p * torch.log2(p), torch.zeros_like(p)),
         }
-        src = source.to(x.device, torch.long)
+        if self._sums is None:
+            self._sums = {f: torch.zeros(self.n_sources, E, dtype=torch.float64, device=dev) for f in STAT_FIELDS}
+        src = source.to(dev, torch.long)
         for name, values in per_token.items():
-            acc = torch.zeros(self.n_sources, E, dtype=torch.float64, device=x.device).index_add_(0, src, values)
-            self.stats[name] += acc.cpu().numpy()
-        self.tokens += np.bincount(source.cpu().numpy(), minlength=self.n_sources)
+            self._sums[name].index_add_(0, src, values.double())
+        self.tokens += np.bincount(source.numpy(), minlength=self.n_sources)
 
-        if self.sample_writer is not None and sample is not None and bool(sample.any()):
-            rows = sample.to(x.device)
-            if x.dtype == torch.bfloat16 and z.dtype == torch.bfloat16:  # stored as bf16 bits: exact, half the bytes
-                xs, zs = bf16_bits(x[rows]), bf16_bits(z[rows])
-            else:
-                xs, zs = x[rows].float().cpu().numpy(), z[rows].float().cpu().numpy()
-            self.sample_writer.write(
-                x=xs, z=zs, logits=logits[rows].cpu().numpy(),
-                source=source[sample.cpu()].numpy(), block=block[sample.cpu()].numpy(), pos=pos[sample.cpu()].numpy(),
-            )
+        if self.sample_writer is not None and sample is not None:
+            self._record_sample(x, z, logits, source, sample, block, pos)
+
+    def _record_sample(self, x, z, logits, source, sample, block, pos) -> None:
+        rows_host = sample.nonzero().squeeze(1)  # [N] sampled token indices, known on the host: no device sync
+        if len(rows_host) == 0:
+            return
+        rows = rows_host.to(x.device)
+        if not (x.dtype == torch.bfloat16 and z.dtype == torch.bfloat16):  # bf16 rows are stored as their bits
+            x, z = x.float(), z.float()
+        parts = [t.index_select(0, rows) for t in (x, z, logits)]  # [N, H], [N, H], [N, E]
+        ready = None
+        if x.device.type == "cuda":  # copy into (cached) pinned host memory; the writer thread waits for it
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts]
+            for h, t in zip(host, parts):
+                h.copy_(t, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            parts = host
+        self.sample_writer.write(*parts, source=source[rows_host].numpy(), block=block[rows_host].numpy(),
+                                 pos=pos[rows_host].numpy(), ready=ready)

@@ -43,6 +43,13 @@ def bf16_bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
 
 
+def host_rows(t) -> np.ndarray:
+    """Sample rows as stored: a bfloat16 tensor as its bits (uint16), another tensor as float32, numpy as it is."""
+    if isinstance(t, np.ndarray):
+        return t
+    return bf16_bits(t) if t.dtype == torch.bfloat16 else t.float().numpy()
+
+
 def decode_rows(values: np.ndarray, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """A sample matrix as a ``dtype`` tensor on ``device``; uint16 rows are bfloat16 bits, decoded on the device
     (half the bytes over PCIe)."""
@@ -53,7 +60,9 @@ def decode_rows(values: np.ndarray, device="cpu", dtype=torch.float32) -> torch.
 
 class SampleWriter:
     """Streams sampled rows of one layer into ``sample.arrow`` (a record batch per micro-batch, written by a
-    background thread; at most ``max_pending`` batches wait in memory)."""
+    background thread; at most ``max_pending`` batches wait in memory). Rows come as numpy arrays or host
+    tensors (bfloat16 ones are stored as their bits); ``ready``, an event the thread waits for first, lets a
+    device-to-host copy into pinned memory finish while the caller goes on."""
 
     def __init__(self, directory: Path, sources: list[str], max_pending: int = 2):
         self.directory, self.sources = directory, sources
@@ -64,13 +73,16 @@ class SampleWriter:
         self.pending: list = []
         self.max_pending = max_pending
 
-    def write(self, x, z, logits, source, block, pos) -> None:
+    def write(self, x, z, logits, source, block, pos, ready=None) -> None:
         self.rows += len(block)
         while len(self.pending) >= self.max_pending:
             self.pending.pop(0).result()  # re-raises a failed write here
-        self.pending.append(self.pool.submit(self._write, x, z, logits, source, block, pos))
+        self.pending.append(self.pool.submit(self._write, x, z, logits, source, block, pos, ready))
 
-    def _write(self, x, z, logits, source, block, pos) -> None:
+    def _write(self, x, z, logits, source, block, pos, ready=None) -> None:
+        if ready is not None:
+            ready.synchronize()
+        x, z, logits = host_rows(x), host_rows(z), host_rows(logits)
         table = pa.table({
             "block": pa.array(block.astype(np.int32)), "pos": pa.array(pos.astype(np.int32)),
             "source": pa.array([self.sources[i] for i in source], pa.string()),
