@@ -29,7 +29,7 @@ from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.checkpoint.writer import check_out, write_pruned
 from mop_ray.errors import MopError
 from mop_ray.methods import get_method
-from mop_ray.plan import describe, plan_stages
+from mop_ray.plan import describe, plan_stages, plan_waves
 from mop_ray.prune import layer_context
 
 
@@ -52,6 +52,7 @@ class PruneJob:
     stages: int | None = None
     stage_gpus: int | None = None  # GPUs per stage; None: 1 if the cluster has a GPU per stage now, else 0
     micro_batch: int = 4
+    waves: int | None = None  # micro-batch groups a stage takes layer by layer; None: mop_ray.plan.plan_waves decides
     max_inflight: int = 4
     max_shard_size: str = "5GB"
     dtype: str | None = None
@@ -132,7 +133,10 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     n_stages = job.stages or default_stages(ckpt.num_layers)
-    stages = plan_stages(ckpt, n_stages, micro_batch_tokens=job.micro_batch * job.seq_len)
+    n_mb = -(-max(job.tokens // job.seq_len, 1) // job.micro_batch)
+    wave_mbs = max(map(len, plan_waves(n_mb, n_stages, micro_batch_bytes(job, ckpt), job.waves)))
+    stages = plan_stages(ckpt, n_stages, micro_batch_tokens=job.micro_batch * job.seq_len,
+                         wave_tokens=wave_mbs * job.micro_batch * job.seq_len)
     log(describe(stages, ckpt))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     stage_gpus = job.stage_gpus if job.stage_gpus is not None else int(gpus >= len(stages))
@@ -156,6 +160,13 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
         ).remote(str(ckpt.path), list(st.layers), str(run), None, first_stage=st.index == 0, record=record,
                  dtype=job.dtype))
     return LiveStages(stages, actors, pg)
+
+
+def micro_batch_bytes(job: PruneJob, ckpt: Checkpoint) -> int:
+    """Bytes of one micro-batch's hidden states on a stage (the stages' --dtype, else the checkpoint's)."""
+    name = job.dtype if job.dtype not in (None, "auto") else ckpt.config.get("torch_dtype", ckpt.config.get("dtype"))
+    size = 2 if name in ("bfloat16", "float16") else 4
+    return job.micro_batch * job.seq_len * int(ckpt.config.get("hidden_size", 0)) * size
 
 
 def recorded_layers(manifest: Manifest) -> set[int]:
@@ -230,13 +241,14 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
     try:
         ray.get([a.begin.remote(sources) for a in actors])  # surfaces a stage that failed to load its layers
         where = ray.get([a.where.remote() for a in actors])
-        for mb, start in enumerate(range(0, len(ids), job.micro_batch)):
-            end = min(start + job.micro_batch, len(ids))
-            meta = {"source": block_sources[start:end], "block": np.arange(start, end), "sample": mask[start:end]}
-            ref = torch.from_numpy(ids[start:end])
-            for j, actor in enumerate(actors):
-                ref = actor.forward.remote(mb, ref, meta, last=j == len(actors) - 1)
-            inflight.append((ref, (end - start) * ids.shape[1]))
+        starts = list(range(0, len(ids), job.micro_batch))
+        for wave in plan_waves(len(starts), len(actors), micro_batch_bytes(job, ckpt), job.waves):
+            spans = [(starts[mb], min(starts[mb] + job.micro_batch, len(ids))) for mb in wave]
+            metas = [{"source": block_sources[a:b], "block": np.arange(a, b), "sample": mask[a:b]} for a, b in spans]
+            ref = [torch.from_numpy(ids[a:b]) for a, b in spans]
+            for j, actor in enumerate(actors):  # stage j+1 takes stage j's output (an object ref) directly
+                ref = actor.forward_wave.remote(wave, ref, metas, last=j == len(actors) - 1)
+            inflight.append((ref, sum(b - a for a, b in spans) * ids.shape[1]))
             while len(inflight) >= job.max_inflight:
                 ready, _ = ray.wait([r for r, _ in inflight], num_returns=1)
                 done = [x for x in inflight if x[0] in ready]

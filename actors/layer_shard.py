@@ -1,15 +1,19 @@
 """LayerShard: a Ray actor holding consecutive decoder layers [a, b) on one GPU (or a CPU worker).
 
-It builds its layers on ``meta`` from the arch adapter, loads only their tensors with ``safe_open``, and runs
-calibration micro-batches through them. The first stage owns the token embedding and takes token ids;
-every stage returns hidden states as a CPU tensor for the next one. A forward hook on each MoE block hands
-the block's input and output to an ``MoEObserver`` (statistics over all tokens + the sampled rows).
+It builds its layers on ``meta`` from the arch adapter, loading only their tensors, in a background thread, and
+runs calibration waves through them: a wave is a few micro-batches taken layer by layer, so layer j computes
+while layer j+1 loads. The first stage owns the token embedding and takes token ids; every stage but the last
+returns the wave's hidden states on the host for the next one. A forward hook on each MoE block hands the
+block's input and output to an ``MoEObserver`` (statistics over all tokens + the sampled rows).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -39,45 +43,84 @@ def _fault_injection(layers: list[int], mb_id: int | str) -> None:
 
 
 class LayerShardWorker:
-    """The actor body; ``ray.remote(LayerShardWorker)`` is created by the coordinator with its resources."""
+    """The actor body; ``ray.remote(LayerShardWorker)`` is created by the coordinator with its resources.
+
+    ``__init__`` returns at once: a loader thread reads and builds the layers in order (the next layer's read
+    ahead in a second thread, copies to the GPU on a side stream), and ``forward_wave`` runs each layer as soon
+    as it is on the device, so a stage computes layer j while layer j+1 still loads."""
 
     def __init__(self, model_dir: str, layers: list[int], run_dir: str, sources: list[str] | None, *,
                  first_stage: bool, record: bool = True, dtype: str | None = None):
-        """Load the layers; with ``sources`` (the calibration's source names) also start recording, else
+        """Start loading the layers; with ``sources`` (the calibration's source names) also start recording, else
         ``begin(sources)`` does (the coordinator starts the stages while it tokenises the calibration set)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         t0 = time.perf_counter()
-        self.load_times: dict[str, float] = {"read_s": 0.0}  # seconds per step of the start (logs, benchmarks/speed.py)
-        self.ckpt = ckpt = Checkpoint(model_dir)
+        self.load_times: dict[str, float] = {"read_s": 0.0}  # seconds per step of the load (logs, benchmarks/speed.py)
+        self.ckpt = Checkpoint(model_dir)
         self.layer_ids = list(layers)
-        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
-        try:  # the first layer's read (and the embedding's) overlap the imports and the device's initialisation
-            ahead = reader.submit(self._read, self.layer_ids[0]) if self.layer_ids else None
-            embed = reader.submit(self._read_embedding) if first_stage else None
-            self.device = pick_device()
-            self.config = hf_config(ckpt)
-            dt = dtype_named(dtype)
-            self.load_times["config_s"] = time.perf_counter() - t0
-            self.layers = self._load_layers(dt, reader, ahead)
-            t1 = time.perf_counter()
-            self.rotary = rotary_embedding(ckpt, self.config, self.device)
-            self.embed = None
-            if embed is not None:
-                weight = embed.result()
-                self.embed = torch.nn.Embedding.from_pretrained(weight.to(dt) if dt else weight).to(self.device)
-        finally:
-            reader.shutdown(wait=True, cancel_futures=True)
-        self.load_times["rotary_embed_s"] = time.perf_counter() - t1
-        self.load_times["total_s"] = time.perf_counter() - t0
         self.run_dir = run_dir
         self.record = record
         self.sources: list[str] | None = None
         self.observers: dict[int, MoEObserver] = {}
         self._hooks = []
         self._meta: dict | None = None
+        self.device = pick_device()
+        self._built: list[Future] = [Future() for _ in self.layer_ids]  # -> the decoder layer on the device
+        self._inputs: Future = Future()  # -> (rotary embedding, token embedding or None)
+        self._loader = threading.Thread(target=self._load, args=(dtype_named(dtype), first_stage, t0),
+                                        name="layer-load", daemon=True)
+        self._loader.start()
         if sources is not None:
             self.begin(sources)
+
+    @property
+    def layers(self) -> list[torch.nn.Module]:
+        """This stage's decoder layers, once all are loaded (raises what the loader raised)."""
+        return [f.result() for f in self._built]
+
+    def _load(self, dtype, first_stage: bool, t0: float) -> None:
+        """The loader thread: the embedding's and first layer's reads start before the imports transformers needs;
+        layer j+1 is read while layer j is built and copied; at most one layer is read ahead, so host memory holds
+        at most two layers' tensors (and the first stage's embedding) on the way to a GPU."""
+        times, ids = self.load_times, self.layer_ids
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        try:
+            embed = reader.submit(self._read_embedding) if first_stage else None
+            ahead = reader.submit(self._read, ids[0]) if ids else None
+            self.config = hf_config(self.ckpt)
+            times["config_s"] = time.perf_counter() - t0
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                rotary = rotary_embedding(self.ckpt, self.config, self.device)
+                module = None
+                if embed is not None:
+                    weight = embed.result()
+                    module = torch.nn.Embedding.from_pretrained(weight.to(dtype) if dtype else weight).to(self.device)
+                    del weight
+                if stream is not None:
+                    stream.synchronize()
+                self._inputs.set_result((rotary, module))
+                times["read_wait_s"] = times["build_s"] = 0.0
+                for j, i in enumerate(ids):
+                    t = time.perf_counter()
+                    sd = ahead.result()
+                    times["read_wait_s"] += time.perf_counter() - t
+                    ahead = reader.submit(self._read, ids[j + 1]) if j + 1 < len(ids) else None
+                    t = time.perf_counter()
+                    layer = build_layer(self.ckpt, i, config=self.config, device=self.device, dtype=dtype, state_dict=sd)
+                    del sd
+                    if i in self.ckpt.moe_layers:
+                        self._hooks.append(layer.mlp.register_forward_hook(self._hook(i)))
+                    if stream is not None:
+                        stream.synchronize()  # on the device before any compute uses it
+                    times["build_s"] += time.perf_counter() - t  # build on meta, assign, copy to the device
+                    self._built[j].set_result(layer)
+            times["total_s"] = time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - every waiter gets the loader's error (a MopError for bad layers)
+            for f in [self._inputs, *self._built]:
+                if not f.done():
+                    f.set_exception(e)
+        finally:
+            reader.shutdown(wait=True, cancel_futures=True)
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
         t = time.perf_counter()
@@ -92,25 +135,6 @@ class LayerShardWorker:
         with safe_open(self.ckpt.tensors[name].path, "pt") as f:
             return f.get_tensor(name)  # [V, H]
 
-    def _load_layers(self, dtype, reader, ahead) -> list[torch.nn.Module]:
-        """Build this stage's layers while ``reader`` reads layer j+1 (``ahead``: the first layer's read, already
-        submitted). At most one layer is read ahead, so host memory holds at most two layers' tensors (and the
-        first stage's embedding) on the way to a GPU."""
-        ids, layers, times = self.layer_ids, [], self.load_times
-        times["read_wait_s"] = times["build_s"] = 0.0
-        for j, i in enumerate(ids):
-            t = time.perf_counter()
-            sd = ahead.result()
-            times["read_wait_s"] += time.perf_counter() - t
-            ahead = reader.submit(self._read, ids[j + 1]) if j + 1 < len(ids) else None
-            t = time.perf_counter()
-            layers.append(build_layer(self.ckpt, i, config=self.config, device=self.device, dtype=dtype, state_dict=sd))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            times["build_s"] += time.perf_counter() - t  # build on meta, assign, copy to the device
-            del sd
-        return layers
-
     def begin(self, sources: list[str]) -> None:
         """Observe every MoE layer this stage holds (when recording), with statistics per source."""
         self.sources = sources
@@ -118,49 +142,71 @@ class LayerShardWorker:
             return
         ckpt = self.ckpt
         spec = ckpt.family.router_spec(ckpt.config)
-        for i, layer in zip(self.layer_ids, self.layers):
+        for i in self.layer_ids:
             if i in ckpt.moe_layers:
-                obs = MoEObserver(i, ckpt.family, spec, ckpt.num_experts, len(sources),
-                                  SampleWriter(layer_dir(self.run_dir, i), sources))
-                self.observers[i] = obs
-                self._hooks.append(layer.mlp.register_forward_hook(self._hook(obs)))
+                self.observers[i] = MoEObserver(i, ckpt.family, spec, ckpt.num_experts, len(sources),
+                                                SampleWriter(layer_dir(self.run_dir, i), sources))
 
-    def _hook(self, obs: MoEObserver):
+    def _hook(self, i: int):
         def hook(module, args, output):
+            obs = self.observers.get(i)
+            if obs is None or self._meta is None:  # not recording (or not yet begun): a plain forward
+                return
             x = args[0]
             h = x.shape[-1]
             m = self._meta
             obs.observe(module, x.reshape(-1, h), output.reshape(-1, h), m["source"], m["sample"], m["block"], m["pos"])
         return hook
 
-    @torch.no_grad()
     def forward(self, mb_id: int, inp: torch.Tensor, meta: dict, last: bool = False) -> torch.Tensor | None:
-        """Run one micro-batch: token ids [B, L] on the first stage, hidden states [B, L, H] after; -> [B, L, H] CPU
-        for the next stage, None from the ``last`` stage (nobody needs its hidden states)."""
-        _fault_injection(self.layer_ids, mb_id)
-        h = self.embed(inp.to(self.device)) if self.embed is not None else inp.to(self.device)
-        bsz, seq = h.shape[:2]
-        pos = torch.arange(seq, device=self.device).unsqueeze(0).expand(bsz, -1)  # [B, L]
-        pe = self.rotary(h, pos)
-        source = torch.as_tensor(np.repeat(meta["source"], seq))  # [B*L]
-        block = torch.as_tensor(np.repeat(meta["block"], seq))
-        self._meta = {"source": source, "block": block, "pos": torch.arange(seq).repeat(bsz),  # host, [B*L]
-                      "sample": torch.from_numpy(np.array(meta["sample"], dtype=bool)).reshape(-1)}
-        for layer in self.layers:
-            out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
-            h = out[0] if isinstance(out, tuple) else out
-        self._meta = None
+        """One micro-batch (``forward_wave`` of one): token ids [B, L] on the first stage, hidden states [B, L, H]
+        after; -> [B, L, H] on the host for the next stage, None from the ``last`` stage."""
+        out = self.forward_wave([mb_id], [inp], [meta], last)
+        return None if out is None else out[0]
+
+    @torch.no_grad()
+    def forward_wave(self, mb_ids: list[int], inputs: list[torch.Tensor], metas: list[dict],
+                     last: bool = False) -> list[torch.Tensor] | None:
+        """Run a wave of micro-batches layer by layer (every micro-batch through layer j, then j+1: the wave's
+        hidden states stay on the device, and layer j+1 may still be loading while layer j computes).
+        inputs: token ids [B, L] each on the first stage, hidden states [B, L, H] after. -> the wave's hidden
+        states on the host for the next stage, None from the ``last`` stage (nobody needs them)."""
+        for mb in mb_ids:
+            _fault_injection(self.layer_ids, mb)
+        rotary, embed = self._inputs.result()
+        dev = self.device
+        hs, pos, pes, metas_host = [], [], [], []
+        for inp, meta in zip(inputs, metas):
+            h = embed(inp.to(dev)) if embed is not None else inp.to(dev)  # [B, L, H]
+            bsz, seq = h.shape[:2]
+            p = torch.arange(seq, device=dev).unsqueeze(0).expand(bsz, -1)  # [B, L]
+            hs.append(h)
+            pos.append(p)
+            pes.append(rotary(h, p))
+            metas_host.append({"source": torch.as_tensor(np.repeat(meta["source"], seq)),  # host, [B*L] each
+                               "block": torch.as_tensor(np.repeat(meta["block"], seq)),
+                               "pos": torch.arange(seq).repeat(bsz),
+                               "sample": torch.from_numpy(np.array(meta["sample"], dtype=bool)).reshape(-1)})
+        try:
+            for built in self._built:
+                layer = built.result()  # waits while this layer is still loading
+                for k in range(len(hs)):
+                    self._meta = metas_host[k]
+                    out = layer(hs[k], attention_mask=None, position_ids=pos[k], position_embeddings=pes[k])
+                    hs[k] = out[0] if isinstance(out, tuple) else out
+        finally:
+            self._meta = None
         if last:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()  # the micro-batch is done (and timed) when the call returns
+            if dev.type == "cuda":
+                torch.cuda.synchronize()  # the wave is done (and timed) when the call returns
             return None
-        if self.device.type == "cuda":  # through (cached) pinned memory: a direct DMA, no page faults
-            host = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
-            return host.copy_(h)
-        return h.cpu()
+        if dev.type == "cuda":  # through (cached) pinned memory: a direct DMA, no page faults
+            return [torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h) for h in hs]
+        return [h.cpu() for h in hs]
 
     def finish(self) -> dict[int, dict]:
         """Close the sample files and write the statistics; -> {layer: {"rows", "tokens"}}."""
+        self._loader.join()
         for handle in self._hooks:  # the blocks may be used for selection next (``select``), unobserved
             handle.remove()
         self._hooks.clear()
@@ -181,7 +227,7 @@ class LayerShardWorker:
         from actors.tasks import select_layer
 
         _fault_injection([ctx.layer], "select")
-        block = self.layers[self.layer_ids.index(ctx.layer)].mlp
+        block = self._built[self.layer_ids.index(ctx.layer)].result().mlp
         out = select_layer(self.run_dir, ctx, method, r, block=block)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the next layer's products start from a clean pool

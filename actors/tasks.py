@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import ray
 
 from mop_ray.methods import Choice, LayerContext, choose, get_method

@@ -384,25 +384,19 @@ def make_bench_shard(base):
 
     class BenchShard(base):
         def __init__(self, *args, **kwargs):
-            import torch
+            init_unix = time.time()
+            super().__init__(*args, **kwargs)  # returns at once: the stage's loader thread reads and builds the layers
+            self._bench = {"layers": list(self.layer_ids), "device": str(self.device), "init_unix": init_unix,
+                           "process_start_unix": _process_start_unix(), "forward_s": 0.0, "forward_each_s": [],
+                           "waves": 0, "micro_batches": 0}
 
-            t0, init_unix = time.perf_counter(), time.time()
-            super().__init__(*args, **kwargs)
-            cuda = self.device.type == "cuda"
-            if cuda:
-                torch.cuda.synchronize()
-            self._bench = {"layers": list(self.layer_ids), "device": str(self.device), "load_s": time.perf_counter() - t0,
-                           "load_times": getattr(self, "load_times", None), "init_unix": init_unix,
-                           "process_start_unix": _process_start_unix(),
-                           "forward_s": 0.0, "forward_each_s": [], "micro_batches": 0,
-                           "weights_gpu_bytes": torch.cuda.memory_allocated() if cuda else None}
-
-        def forward(self, *args, **kwargs):
+        def forward_wave(self, mb_ids, *args, **kwargs):
             t0 = time.perf_counter()
-            out = super().forward(*args, **kwargs)  # returns once the device work is finished (CPU tensor or sync)
+            out = super().forward_wave(mb_ids, *args, **kwargs)  # returns once the device work is finished
             self._bench["forward_s"] += time.perf_counter() - t0
             self._bench["forward_each_s"].append(round(time.perf_counter() - t0, 4))
-            self._bench["micro_batches"] += 1
+            self._bench["waves"] += 1
+            self._bench["micro_batches"] += len(mb_ids)
             return out
 
         def finish(self, *args, **kwargs):
@@ -412,6 +406,10 @@ def make_bench_shard(base):
             out = super().finish(*args, **kwargs)
             self._bench["finish_s"] = time.perf_counter() - t0
             cuda = self.device.type == "cuda"
+            # the loader's clock: from __init__ to the last layer on the device (overlapping calibrate and the waves)
+            self._bench["load_times"] = dict(self.load_times)
+            self._bench["load_s"] = self.load_times.get("total_s")
+            self._bench["weights_gpu_bytes"] = torch.cuda.memory_allocated() if cuda else None
             self._bench["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
             self._bench["cuda_reserved_peak_bytes"] = torch.cuda.max_memory_reserved() if cuda else None
             self._bench["vm_hwm_bytes"] = _vm_hwm()
@@ -651,7 +649,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
         f"(resident {fmt(cache['resident_before'], 3)} -> {fmt(cache['resident_after'], 3)})")
     job = PruneJob(model=str(ckpt.path), out=str(out), method=args.method, keep=args.keep, general=args.general,
                    calib=args.calib, tokens=args.tokens, seq_len=args.seq_len, sample=args.sample, seed=args.seed,
-                   run_dir=str(run_dir), stages=stages, micro_batch=args.micro_batch, max_shard_size=args.max_shard_size,
+                   run_dir=str(run_dir), stages=stages, micro_batch=args.micro_batch, waves=args.waves, max_shard_size=args.max_shard_size,
                    dtype=args.dtype, overwrite=True, progress=args.progress)
     host, gpu = HostMemory(args.poll), GpuMemory(args.poll)
     host.start()
@@ -704,11 +702,12 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
         def stage_bytes(st):
             return sum(costs["layers"][i]["bytes"] for i in st["layers"]) + (costs["embed_bytes"] if 0 in st["layers"] else 0)
         st = max(stage_info, key=lambda v: v["load_s"])
-        phase(f"  stage start + weight load, overlapping calibrate (slowest of {len(stage_info)})", round(st["load_s"], 2),
-              read=stage_bytes(st))
+        phase(f"  stage start + weight load, overlapping calibrate and the waves (slowest of {len(stage_info)})",
+              round(st["load_s"], 2), read=stage_bytes(st))
         st = max(stage_info, key=lambda v: v["forward_s"])
         stage_records = sum(dir_bytes(layer_dir(run_dir, i), "sample.arrow") for i in st["layers"] if i in costs["moe_layers"])
-        phase(f"  observe: forward passes (slowest stage, {st['micro_batches']} micro-batches)", round(st["forward_s"], 2),
+        phase(f"  observe: forward waves incl. waiting for layers (slowest stage, {st['waves']} waves, "
+              f"{st['micro_batches']} micro-batches)", round(st["forward_s"], 2),
               observe_flops(costs, tokens, args.seq_len, set(st["layers"])), written=stage_records)
     phase("select", timings.get("select_s"), select_flops(costs, ckpt, method, sample_rows, args.keep), select_read)
     if select_info and method.needs_weights and not in_stages:
@@ -801,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--sample", type=int, default=65536)
     ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--waves", type=int, help="the job's --waves (default: the coordinator's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", help="compute dtype of the stages (default: the checkpoint's)")
     ap.add_argument("--max-shard-size", default="5GB")

@@ -5,7 +5,7 @@ stages are balanced by the bytes of their tensors, not by layer count: the split
 stage (exact, by binary search over the bottleneck with a greedy feasibility check). Bytes are resident
 bytes: FP8 block-quantised weights count twice their file size, since stages dequantize them to bf16 for
 calibration. The first stage also holds the token embedding. The memory estimate adds the all-experts
-working set of one micro-batch.
+working set of one micro-batch and the hidden states of one wave (micro-batches a stage takes layer by layer).
 """
 
 from __future__ import annotations
@@ -59,7 +59,33 @@ def _split(costs: list[int], n_stages: int) -> list[list[int]]:
     return runs
 
 
-def plan_stages(ckpt: Checkpoint, n_stages: int, *, micro_batch_tokens: int = 8192, act_bytes: int = 4) -> list[Stage]:
+WAVE_BYTES = 4 << 30  # hidden states of one wave kept on a stage's device (bounds the wave's size)
+
+
+def plan_waves(n_micro_batches: int, n_stages: int, micro_batch_bytes: int, waves: int | None = None) -> list[list[int]]:
+    """Micro-batch indices cut into consecutive waves. A stage takes a wave layer by layer, so loading its next
+    layer overlaps computing the current one, for every micro-batch of the wave; stages pipeline waves. Default:
+    one wave with one stage (the whole stage's loading overlaps compute), 4 per stage otherwise (the pipeline
+    keeps the stages busy at once, at the cost of less overlap of loading). Never more hidden-state bytes per
+    wave than ``WAVE_BYTES``."""
+    if n_micro_batches <= 0:
+        return []
+    n = waves if waves is not None else (1 if n_stages == 1 else 4 * n_stages)
+    if n < 1:
+        raise MopError(f"--waves {waves}: expected at least 1")
+    n = max(n, -(-n_micro_batches * micro_batch_bytes // WAVE_BYTES))
+    n = min(n, n_micro_batches)
+    size, extra = divmod(n_micro_batches, n)
+    out, start = [], 0
+    for w in range(n):
+        end = start + size + (w < extra)
+        out.append(list(range(start, end)))
+        start = end
+    return out
+
+
+def plan_stages(ckpt: Checkpoint, n_stages: int, *, micro_batch_tokens: int = 8192, act_bytes: int = 4,
+                wave_tokens: int = 0) -> list[Stage]:
     layers = list(range(ckpt.num_layers))
     if not 1 <= n_stages <= len(layers):
         raise MopError(f"--stages {n_stages}: expected between 1 and the model's {len(layers)} decoder layers")
@@ -71,6 +97,7 @@ def plan_stages(ckpt: Checkpoint, n_stages: int, *, micro_batch_tokens: int = 81
     hidden = int(ckpt.config.get("hidden_size", 0))
     # per micro-batch: hidden states in/out + one expert's output at a time + [T, E] routing tensors
     activation = micro_batch_tokens * (4 * hidden + 8 * ckpt.num_experts) * act_bytes
+    activation += wave_tokens * hidden * act_bytes  # the wave's hidden states, resident between its layers
     stages = []
     for s, run in enumerate(_split(costs, n_stages)):
         stages.append(Stage(s, tuple(layers[i] for i in run), sum(costs[i] for i in run), activation))

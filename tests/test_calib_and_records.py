@@ -167,3 +167,17 @@ def test_shipped_configs_fit_their_stated_clusters():
         check_r(shape, args.keep)
         stages = plan_stages(shape, args.stages)
         assert max(s.weight_bytes for s in stages) <= 60e9, cfg.name
+
+
+def test_waves_cover_the_micro_batches_in_order_within_the_memory_bound():
+    from mop_ray.plan import WAVE_BYTES, plan_waves
+
+    assert plan_waves(32, 1, 1 << 20) == [list(range(32))]  # one stage: one wave, its loading overlaps compute
+    two = plan_waves(32, 2, 1 << 20)  # several stages: 4 waves per stage keep the pipeline full
+    assert len(two) == 8 and [mb for w in two for mb in w] == list(range(32)) and {len(w) for w in two} == {4}
+    big = plan_waves(10, 1, WAVE_BYTES // 3)  # at most 3 micro-batches' hidden states per wave
+    assert [len(w) for w in big] == [3, 3, 2, 2] and [mb for w in big for mb in w] == list(range(10))
+    assert plan_waves(3, 4, 1) == [[0], [1], [2]] and plan_waves(0, 1, 1) == []
+    assert plan_waves(5, 1, 1, waves=2) == [[0, 1, 2], [3, 4]]
+    with pytest.raises(MopError, match="--waves 0"):
+        plan_waves(5, 1, 1, waves=0)

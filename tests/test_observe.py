@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -174,3 +175,54 @@ def test_a_bfloat16_stage_records_its_sample_as_exact_bfloat16_bits(tiny_models,
     assert seen["x"].dtype == torch.bfloat16 and sample.x.dtype == np.uint16 and sample.z.dtype == np.uint16
     assert torch.equal(sample.tensor("x", dtype=torch.bfloat16), seen["x"])
     assert torch.equal(sample.tensor("z", dtype=torch.bfloat16), seen["z"])
+
+
+def test_waves_and_micro_batch_order_record_the_same(tiny_models, tmp_path, ray_local):
+    """A stage taking all micro-batches layer by layer (one wave) records what micro-batch by micro-batch does."""
+    model = tiny_models["olmoe"]
+    a = run(small_job(model, tmp_path / "a", waves=1, sample=100), log=lambda *_: None)
+    b = run(small_job(model, tmp_path / "b", waves=4, sample=100), log=lambda *_: None)
+    assert a["keep_map"] == b["keep_map"]
+    for layer in Checkpoint(model).moe_layers:
+        sa, sb = read_stats(tmp_path / "a.run", layer), read_stats(tmp_path / "b.run", layer)
+        for f in STAT_FIELDS:
+            np.testing.assert_allclose(sa.by_source[f], sb.by_source[f], rtol=1e-12, atol=1e-12)
+        xa, xb = read_sample(tmp_path / "a.run", layer), read_sample(tmp_path / "b.run", layer)
+        np.testing.assert_array_equal(xa.block, xb.block)
+        np.testing.assert_array_equal(xa.x, xb.x)
+        np.testing.assert_array_equal(xa.z, xb.z)
+
+
+def test_a_stage_computes_its_first_layer_while_the_next_still_loads(tiny_models, tmp_path):
+    """The stage's constructor returns at once; a wave runs layer 0 (its observer sees every token) while layer 1's
+    read is held back, and finishes once it arrives."""
+    import threading
+
+    from actors.layer_shard import LayerShardWorker
+
+    model = tiny_models["mixtral"]
+    release, reading_1 = threading.Event(), threading.Event()
+
+    class Held(LayerShardWorker):
+        def _read(self, i):
+            if i == 1:
+                reading_1.set()
+                assert release.wait(60)
+            return super()._read(i)
+
+    worker = Held(str(model), [0, 1], str(tmp_path), ["a"], first_stage=True)
+    ids = torch.randint(0, 100, (2, 16))
+    meta = {"source": np.array([0, 0]), "block": np.array([0, 1]), "sample": np.zeros((2, 16), bool)}
+    out = {}
+    t = threading.Thread(target=lambda: out.update(h=worker.forward_wave([0], [ids], [meta])))
+    t.start()
+    assert reading_1.wait(60)
+    deadline = time.time() + 60
+    while worker.observers[0].tokens.sum() < 32 and time.time() < deadline:  # layer 0 done, layer 1 still held
+        time.sleep(0.05)
+    assert worker.observers[0].tokens.sum() == 32 and worker.observers[1].tokens.sum() == 0 and t.is_alive()
+    release.set()
+    t.join(60)
+    assert out["h"][0].shape == (2, 16, worker.ckpt.config["hidden_size"])
+    assert worker.observers[1].tokens.sum() == 32
+    worker.finish()
