@@ -19,7 +19,10 @@ def select_layer(run_dir: str, ctx: LayerContext, method: str, r: int, block=Non
     ctx.records = LayerRecords(run_dir, ctx.layer) if m.needs_records else None
     ctx.device = "cuda" if torch.cuda.is_available() else "cpu"
     ctx.block = block
-    kept, c = choose(m, ctx, r)
+    try:
+        kept, c = choose(m, ctx, r)
+    finally:  # the caller may hold ``ctx`` on (a stage selects its layers in turn): let the sample and block go
+        ctx.records = ctx.block = None
     return ctx.layer, kept, [float(s) for s in c.scores], c.details
 
 

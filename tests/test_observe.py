@@ -82,20 +82,25 @@ def test_records_match_the_unsplit_model(tiny_models, family, tmp_path, ray_loca
         assert kept[str(layer)] == expect
 
 
+def assert_same_records(run_a, run_b, layers, rtol: float, atol: float, rows: int) -> None:
+    """Two runs recorded the same statistics (to rtol) and the same sample rows (values to atol)."""
+    for layer in layers:
+        sa, sb = read_stats(run_a, layer), read_stats(run_b, layer)
+        for f in STAT_FIELDS:
+            np.testing.assert_allclose(sa.by_source[f], sb.by_source[f], rtol=rtol, atol=1e-12)
+        xa, xb = read_sample(run_a, layer), read_sample(run_b, layer)
+        assert len(xa.block) == rows
+        np.testing.assert_array_equal(xa.block, xb.block)
+        for name in ("x", "z", "logits"):
+            np.testing.assert_allclose(getattr(xa, name), getattr(xb, name), rtol=0, atol=atol)
+
+
 def test_one_and_three_stages_record_the_same(tiny_models, tmp_path, ray_local):
     model = tiny_models["deepseek_v3"]
     a = run(small_job(model, tmp_path / "a", stages=1, sample=100), log=lambda *_: None)
     b = run(small_job(model, tmp_path / "b", stages=3, sample=100), log=lambda *_: None)
     assert a["keep_map"] == b["keep_map"]
-    for layer in Checkpoint(model).moe_layers:
-        sa, sb = read_stats(tmp_path / "a.run", layer), read_stats(tmp_path / "b.run", layer)
-        for f in STAT_FIELDS:
-            np.testing.assert_allclose(sa.by_source[f], sb.by_source[f], rtol=1e-9, atol=1e-12)
-        xa, xb = read_sample(tmp_path / "a.run", layer), read_sample(tmp_path / "b.run", layer)
-        assert len(xa.block) == 100
-        np.testing.assert_array_equal(xa.block, xb.block)
-        np.testing.assert_allclose(xa.x, xb.x, atol=1e-6)
-        np.testing.assert_allclose(xa.logits, xb.logits, atol=1e-6)
+    assert_same_records(tmp_path / "a.run", tmp_path / "b.run", Checkpoint(model).moe_layers, rtol=1e-9, atol=1e-6, rows=100)
     placement = json.loads((tmp_path / "b.run" / "manifest.json").read_text())["phases"]["observe"]["placement"]
     assert [p["layers"] for p in placement] == [[0], [1], [2]]
 
@@ -183,14 +188,7 @@ def test_waves_and_micro_batch_order_record_the_same(tiny_models, tmp_path, ray_
     a = run(small_job(model, tmp_path / "a", waves=1, sample=100), log=lambda *_: None)
     b = run(small_job(model, tmp_path / "b", waves=4, sample=100), log=lambda *_: None)
     assert a["keep_map"] == b["keep_map"]
-    for layer in Checkpoint(model).moe_layers:
-        sa, sb = read_stats(tmp_path / "a.run", layer), read_stats(tmp_path / "b.run", layer)
-        for f in STAT_FIELDS:
-            np.testing.assert_allclose(sa.by_source[f], sb.by_source[f], rtol=1e-12, atol=1e-12)
-        xa, xb = read_sample(tmp_path / "a.run", layer), read_sample(tmp_path / "b.run", layer)
-        np.testing.assert_array_equal(xa.block, xb.block)
-        np.testing.assert_array_equal(xa.x, xb.x)
-        np.testing.assert_array_equal(xa.z, xb.z)
+    assert_same_records(tmp_path / "a.run", tmp_path / "b.run", Checkpoint(model).moe_layers, rtol=1e-12, atol=0, rows=100)
 
 
 def test_a_stage_computes_its_first_layer_while_the_next_still_loads(tiny_models, tmp_path):
