@@ -239,7 +239,8 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
 
     bar = tqdm(total=ids.size, unit="tok", desc="observe", disable=not job.progress, unit_scale=True)
     try:
-        ray.get([a.begin.remote(sources) for a in actors])  # surfaces a stage that failed to load its layers
+        ray.get([a.begin.remote(sources) for a in actors])  # surfaces a stage that failed to start (a layer it
+        # cannot load surfaces from its loader thread in the first wave, as a MopError)
         where = ray.get([a.where.remote() for a in actors])
         starts = list(range(0, len(ids), job.micro_batch))
         for wave in plan_waves(len(starts), len(actors), micro_batch_bytes(job, ckpt), job.waves):

@@ -54,7 +54,7 @@ class LayerShardWorker:
         """Start loading the layers; with ``sources`` (the calibration's source names) also start recording, else
         ``begin(sources)`` does (the coordinator starts the stages while it tokenises the calibration set)."""
         t0 = time.perf_counter()
-        self.load_times: dict[str, float] = {"read_s": 0.0}  # seconds per step of the load (logs, benchmarks/speed.py)
+        self.load_times: dict[str, float] = {"read_s": 0.0}  # seconds per step of the load (benchmarks/speed.py)
         self.ckpt = Checkpoint(model_dir)
         self.layer_ids = list(layers)
         self.run_dir = run_dir
@@ -87,10 +87,10 @@ class LayerShardWorker:
         try:
             embed = reader.submit(self._read_embedding) if first_stage else None
             ahead = reader.submit(self._read, ids[0]) if ids else None
-            self.config = hf_config(self.ckpt)
+            config = hf_config(self.ckpt)
             times["config_s"] = time.perf_counter() - t0
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                rotary = rotary_embedding(self.ckpt, self.config, self.device)
+                rotary = rotary_embedding(self.ckpt, config, self.device)
                 module = None
                 if embed is not None:
                     weight = embed.result()
@@ -106,7 +106,7 @@ class LayerShardWorker:
                     times["read_wait_s"] += time.perf_counter() - t
                     ahead = reader.submit(self._read, ids[j + 1]) if j + 1 < len(ids) else None
                     t = time.perf_counter()
-                    layer = build_layer(self.ckpt, i, config=self.config, device=self.device, dtype=dtype, state_dict=sd)
+                    layer = build_layer(self.ckpt, i, config=config, device=self.device, dtype=dtype, state_dict=sd)
                     del sd
                     if i in self.ckpt.moe_layers:
                         self._hooks.append(layer.mlp.register_forward_hook(self._hook(i)))

@@ -3,7 +3,7 @@
     python benchmarks/observe_profile.py --model DIR [--micro-batches 8 --blocks 4 --seq-len 2048 --sample-frac 0.25]
 
 1. the decoder layers alone (``record=False``), 2. plus the observer's statistics (nothing sampled),
-3. plus the token sample written to Parquet (``--sample-frac`` of the tokens, as ``--sample`` does). Each
+3. plus the token sample written to ``sample.arrow`` (``--sample-frac`` of the tokens, as ``--sample`` does). Each
 timing is GPU-synchronised, after one warm-up micro-batch; the profile of one micro-batch of case 3 follows
 (top CUDA/CPU ops) so the slow part has a name.
 """
@@ -54,6 +54,7 @@ def main() -> None:
                                    ("+ statistics + sample", True, args.sample_frac)):
             t0 = time.perf_counter()
             w = LayerShardWorker(args.model, layers, run_dir, ["a", "b"], first_stage=True, record=record)
+            w.layers  # noqa: B018 - waits for the stage's loader thread: the load is timed apart from the forwards
             sync()
             load = time.perf_counter() - t0
             ids = torch.from_numpy(rng.integers(0, vocab, shape))
