@@ -204,6 +204,12 @@ class LayerShardWorker:
             return [torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h) for h in hs]
         return [h.cpu() for h in hs]
 
+    def loaded(self) -> dict[str, float]:
+        """Seconds of this stage's load, once all layers are on the device: total (from ``__init__``), the reads
+        (in their thread), the transformers imports, waiting for reads, and builds with copies."""
+        self._loader.join()
+        return dict(self.load_times)
+
     def finish(self) -> dict[int, dict]:
         """Close the sample files and write the statistics; -> {layer: {"rows", "tokens"}}."""
         self._loader.join()

@@ -103,6 +103,9 @@ def test_one_and_three_stages_record_the_same(tiny_models, tmp_path, ray_local):
     assert_same_records(tmp_path / "a.run", tmp_path / "b.run", Checkpoint(model).moe_layers, rtol=1e-9, atol=1e-6, rows=100)
     placement = json.loads((tmp_path / "b.run" / "manifest.json").read_text())["phases"]["observe"]["placement"]
     assert [p["layers"] for p in placement] == [[0], [1], [2]]
+    for p in placement:  # each stage's load timeline, in seconds
+        assert {"config_s", "read_s", "read_wait_s", "build_s", "total_s"} <= set(p["load"])
+        assert p["load"]["total_s"] > 0 and p["load"]["total_s"] >= max(p["load"]["build_s"], p["load"]["config_s"])
 
 
 def test_sample_mask_is_uniform_and_reproducible():
