@@ -417,37 +417,39 @@ def make_bench_shard(base):
             return out
 
         def _select_one(self, ctx, *args, **kwargs):  # selection inside the stage, with the weights it holds
-            import torch
-
-            cuda = self.device.type == "cuda"
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            out = super()._select_one(ctx, *args, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-            _bench_write(self.run_dir, f"select-{ctx.layer:03d}.json", {
-                "layer": ctx.layer, "in": "stage", "load_s": 0.0, "seconds": time.perf_counter() - t0,
-                "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "vm_hwm_bytes": _vm_hwm(),
-                "pid": os.getpid()})
-            return out
+            parent = super()._select_one
+            return _timed_select(self.run_dir, ctx.layer, {"in": "stage", "load_s": 0.0},
+                                 lambda: parent(ctx, *args, **kwargs))
 
     BenchShard.__name__ = BenchShard.__qualname__ = "BenchShard"
     return BenchShard
 
 
-def bench_select(*args, **kwargs):
-    """The coordinator's select task body (``actors.tasks.select_layer``) timed, with its peak memory recorded."""
+def _timed_select(run_dir, layer: int, info: dict, call):
+    """``call()`` (one layer's selection) GPU-synchronised; writes ``select-NNN.json``: ``info`` plus the seconds,
+    the peak GPU memory and the process's VmHWM."""
     import torch
 
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = call()
+    if cuda:
+        torch.cuda.synchronize()
+    info.update({"layer": layer, "seconds": time.perf_counter() - t0, "vm_hwm_bytes": _vm_hwm(), "pid": os.getpid(),
+                 "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None})
+    _bench_write(run_dir, f"select-{layer:03d}.json", info)
+    return out
+
+
+def bench_select(*args, **kwargs):
+    """The coordinator's select task body (``actors.tasks.select_layer``) timed, with its peak memory recorded."""
     from actors.tasks import select_layer
 
     run_dir, ctx = args[0], args[1]
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    info = {"layer": ctx.layer, "load_s": 0.0}
+    info = {"in": "task", "load_s": 0.0}
     orig = getattr(ctx, "moe_block", None)
     if orig is not None:  # time the layer load (the read part of selection) separately
         def timed_moe_block(*a, **k):
@@ -456,14 +458,7 @@ def bench_select(*args, **kwargs):
             info["load_s"] += time.perf_counter() - t
             return res
         ctx.moe_block = timed_moe_block
-    t0 = time.perf_counter()
-    out = select_layer(*args, **kwargs)
-    if cuda:
-        torch.cuda.synchronize()
-    info.update({"seconds": time.perf_counter() - t0, "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-                 "vm_hwm_bytes": _vm_hwm(), "pid": os.getpid()})
-    _bench_write(run_dir, f"select-{ctx.layer:03d}.json", info)
-    return out
+    return _timed_select(run_dir, ctx.layer, info, lambda: select_layer(*args, **kwargs))
 
 
 def instrument() -> bool:
