@@ -360,6 +360,8 @@ def run(job: PruneJob, log=print) -> dict:
     if job.keep is None:
         raise MopError("prune: pass --keep R (experts to keep per layer)")
     check_r(ckpt, job.keep)
+    if job.waves is not None and job.waves < 1:
+        raise MopError(f"--waves {job.waves}: expected at least 1 (micro-batch groups per stage)")
     check_out(Path(job.out).absolute(), job.overwrite)
     if method.needs_weights and method.needs_records:
         check_selection_memory(ckpt, job)  # a sample too large for selection fails now, not after observe

@@ -109,6 +109,12 @@ def test_bad_keep_maps(tiny_models, tmp_path, capsys, keep, expect):
     run_fails(capsys, tmp_path, ["--model", str(tiny_models["mixtral"]), *write_keep(tmp_path, keep)], expect)
 
 
+def test_bad_waves_fail_before_anything_is_written(tiny_models, tmp_path, capsys):
+    run_fails(capsys, tmp_path, ["--model", str(tiny_models["mixtral"]), "--method", "reap", "--keep", "4",
+                                 "--waves", "0"], "--waves 0: expected at least 1")
+    assert not (tmp_path / "out.run").exists()
+
+
 def test_keep_map_file_problems(tiny_models, tmp_path, capsys):
     model = ["--model", str(tiny_models["mixtral"])]
     run_fails(capsys, tmp_path, [*model, "--keep-map", str(tmp_path / "nope.json")], "no such file")
