@@ -29,7 +29,7 @@ from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.checkpoint.writer import check_out, write_pruned
 from mop_ray.errors import MopError
 from mop_ray.methods import get_method
-from mop_ray.plan import describe, plan_stages, plan_waves
+from mop_ray.plan import describe, micro_batch_bytes, plan_stages, plan_waves, wave_tokens
 from mop_ray.prune import layer_context
 
 
@@ -133,10 +133,9 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     n_stages = job.stages or default_stages(ckpt.num_layers)
-    n_mb = -(-max(job.tokens // job.seq_len, 1) // job.micro_batch)
-    wave_mbs = max(map(len, plan_waves(n_mb, n_stages, micro_batch_bytes(job, ckpt), job.waves)))
     stages = plan_stages(ckpt, n_stages, micro_batch_tokens=job.micro_batch * job.seq_len,
-                         wave_tokens=wave_mbs * job.micro_batch * job.seq_len)
+                         wave_tokens=wave_tokens(ckpt, n_stages, tokens=job.tokens, seq_len=job.seq_len,
+                                                 micro_batch=job.micro_batch, waves=job.waves, dtype=job.dtype))
     log(describe(stages, ckpt))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     stage_gpus = job.stage_gpus if job.stage_gpus is not None else int(gpus >= len(stages))
@@ -160,13 +159,6 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
         ).remote(str(ckpt.path), list(st.layers), str(run), None, first_stage=st.index == 0, record=record,
                  dtype=job.dtype))
     return LiveStages(stages, actors, pg)
-
-
-def micro_batch_bytes(job: PruneJob, ckpt: Checkpoint) -> int:
-    """Bytes of one micro-batch's hidden states on a stage (the stages' --dtype, else the checkpoint's)."""
-    name = job.dtype if job.dtype not in (None, "auto") else ckpt.config.get("torch_dtype", ckpt.config.get("dtype"))
-    size = 2 if name in ("bfloat16", "float16") else 4
-    return job.micro_batch * job.seq_len * int(ckpt.config.get("hidden_size", 0)) * size
 
 
 def recorded_layers(manifest: Manifest) -> set[int]:
@@ -243,7 +235,8 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
         # cannot load surfaces from its loader thread in the first wave, as a MopError)
         where = ray.get([a.where.remote() for a in actors])
         starts = list(range(0, len(ids), job.micro_batch))
-        for wave in plan_waves(len(starts), len(actors), micro_batch_bytes(job, ckpt), job.waves):
+        mb_bytes = micro_batch_bytes(ckpt, job.micro_batch, job.seq_len, job.dtype)
+        for wave in plan_waves(len(starts), len(actors), mb_bytes, job.waves):
             spans = [(starts[mb], min(starts[mb] + job.micro_batch, len(ids))) for mb in wave]
             metas = [{"source": block_sources[a:b], "block": np.arange(a, b), "sample": mask[a:b]} for a, b in spans]
             ref = [torch.from_numpy(ids[a:b]) for a, b in spans]

@@ -87,7 +87,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from mop_ray.checkpoint.reader import Checkpoint
-    from mop_ray.plan import describe, plan_stages
+    from mop_ray.plan import describe, plan_stages, wave_tokens
 
     if args.shape_only:
         from mop_ray.shapes import ShapeOnly
@@ -95,7 +95,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ckpt = ShapeOnly(args.model)
     else:
         ckpt = Checkpoint(args.model)
-    stages = plan_stages(ckpt, args.stages, micro_batch_tokens=args.micro_batch * args.seq_len)
+    wave = wave_tokens(ckpt, args.stages, tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                       waves=args.waves, dtype=args.dtype)
+    stages = plan_stages(ckpt, args.stages, micro_batch_tokens=args.micro_batch * args.seq_len, wave_tokens=wave)
     if args.json:
         print(json.dumps([s.to_dict() for s in stages], indent=2))
     else:
@@ -223,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--stages", type=int, default=1)
     pl.add_argument("--micro-batch", type=int, default=4)
     pl.add_argument("--seq-len", type=int, default=2048)
+    pl.add_argument("--tokens", type=int, default=128 * 2048, help="calibration tokens (sizes the waves; default 262144)")
+    pl.add_argument("--waves", type=int, help="as prune's --waves")
+    pl.add_argument("--dtype", help="as prune's --dtype")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--shape-only", action="store_true", help="--model is a config.json (or its folder); no weights needed")
     pl.set_defaults(fn=cmd_plan)

@@ -84,6 +84,21 @@ def plan_waves(n_micro_batches: int, n_stages: int, micro_batch_bytes: int, wave
     return out
 
 
+def micro_batch_bytes(ckpt: Checkpoint, micro_batch: int, seq_len: int, dtype: str | None = None) -> int:
+    """Bytes of one micro-batch's hidden states on a stage (``dtype``, the stages' --dtype, else the checkpoint's)."""
+    name = dtype if dtype not in (None, "auto") else ckpt.config.get("torch_dtype", ckpt.config.get("dtype"))
+    size = 2 if name in ("bfloat16", "float16") else 4
+    return micro_batch * seq_len * int(ckpt.config.get("hidden_size", 0)) * size
+
+
+def wave_tokens(ckpt: Checkpoint, n_stages: int, *, tokens: int, seq_len: int, micro_batch: int,
+                waves: int | None = None, dtype: str | None = None) -> int:
+    """Tokens in a job's largest wave: the hidden states a stage keeps on its device between layers."""
+    n_mb = -(-max(tokens // seq_len, 1) // micro_batch)
+    plan = plan_waves(n_mb, n_stages, micro_batch_bytes(ckpt, micro_batch, seq_len, dtype), waves)
+    return max(map(len, plan)) * micro_batch * seq_len
+
+
 def plan_stages(ckpt: Checkpoint, n_stages: int, *, micro_batch_tokens: int = 8192, act_bytes: int = 4,
                 wave_tokens: int = 0) -> list[Stage]:
     layers = list(range(ckpt.num_layers))

@@ -134,6 +134,15 @@ def test_plan_command(tiny_models, capsys):
     stages = json.loads(capsys.readouterr().out)
     assert [s["layers"] for s in stages] == [[0, 1], [2]] and all(s["memory_bytes"] > s["weight_bytes"] for s in stages)
 
+    def one_stage_memory(*flags):
+        assert main(["plan", "--model", str(tiny_models["mixtral"]), "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)[0]["memory_bytes"]
+
+    hidden = Checkpoint(tiny_models["mixtral"]).config["hidden_size"]
+    small, big = one_stage_memory("--tokens", "16384"), one_stage_memory("--tokens", "65536")
+    assert big - small == (65536 - 16384) * hidden * 4  # one wave: every calibration token's hidden state
+    assert one_stage_memory("--tokens", "65536", "--waves", "4") == small  # a quarter of them per wave
+
 
 def test_shipped_configs_use_known_keys(tmp_path):
     import argparse
