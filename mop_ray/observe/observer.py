@@ -97,9 +97,9 @@ class MoEObserver:
         if len(rows_host) == 0:
             return
         rows = rows_host.to(x.device)
-        if not (x.dtype == torch.bfloat16 and z.dtype == torch.bfloat16):  # bf16 rows are stored as their bits
-            x, z = x.float(), z.float()
         parts = [t.index_select(0, rows) for t in (x, z, logits)]  # [N, H], [N, H], [N, E]
+        if not (x.dtype == torch.bfloat16 and z.dtype == torch.bfloat16):  # bf16 rows are stored as their bits
+            parts[:2] = [t.float() for t in parts[:2]]  # the sampled rows only, not all T
         ready = None
         if x.device.type == "cuda":  # copy into (cached) pinned host memory; the writer thread waits for it
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts]
