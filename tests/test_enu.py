@@ -230,3 +230,55 @@ def test_group_left_with_one_expert_keeps_switch_flags_exact():
     assert trial_losses(prods, batch, keep, options).tolist() == pytest.approx(reference, rel=1e-9)
     idx, _ = route(spec, logits, moe.gate.e_score_correction_bias, keep=keep)
     assert bool((idx == 0).any())  # expert 0 is routed to, so its flags matter
+
+
+@pytest.mark.parametrize("router", ["v3", "v2_groups", "qwen3", "qwen2"])
+def test_trial_table_rescoring_only_watched_tokens_equals_full_rescoring(router):
+    """Greedy's table keeps every token's trial rows and rescores only the tokens that watched the removed
+    expert: at every step down to two experts per group its losses equal a full reference rescoring (every
+    affected pair routed again with ``route``), for sigmoid/group, softmax/group, and softmax with and without
+    top-k renormalisation; where renormalisation holds, most rows are left alone."""
+    from mop_ray.arch import RouterSpec
+    from mop_ray.methods.greedy import TrialTable, trial_losses
+    from mop_ray.methods.products import expert_products
+
+    specs = {
+        "v3": RouterSpec(top_k=4, scoring="sigmoid", norm_topk_prob=True, n_group=8, topk_group=4,
+                         group_score="top2_sum", routed_scaling_factor=2.5, has_correction_bias=True),
+        "v2_groups": RouterSpec(top_k=4, scoring="softmax", norm_topk_prob=False, n_group=4, topk_group=2,
+                                group_score="max"),
+        "qwen3": RouterSpec(top_k=4, scoring="softmax", norm_topk_prob=True),
+        "qwen2": RouterSpec(top_k=4, scoring="softmax", norm_topk_prob=False),
+    }
+    spec = specs[router]
+    gen = torch.Generator().manual_seed(1)
+    n, hidden, n_tokens = 32, 16, 1024
+    moe = torch.nn.Module()
+    moe.experts, moe.gate = _Experts(n, hidden, 8, gen), _Gate(n, hidden, gen)
+    x = torch.randn(n_tokens, hidden, generator=gen)
+    logits = x @ moe.gate.weight.T
+    z = torch.randn(n_tokens, hidden, generator=gen)
+    prods = expert_products(moe, _NoShared(), spec, x, z, logits, min_kept=8)
+    batch = torch.arange(n_tokens) * 4 // n_tokens
+    groups = spec.n_group
+    size = n // groups
+    keep = torch.ones(n, dtype=torch.bool)
+    table = TrialTable(prods, batch, keep)
+    steps = 0
+    while True:
+        counts = [int(keep[g * size:(g + 1) * size].sum()) for g in range(groups)]
+        options = [e for e in range(n) if keep[e] and counts[e // size] > 2]
+        if not options:
+            break
+        got = table.losses(torch.tensor(options))
+        reference = trial_losses(prods, batch, keep, options, fast=False)
+        assert got.tolist() == pytest.approx(reference.tolist(), rel=1e-6), f"step {steps}"
+        drop = options[int(reference.argmin())]
+        keep[drop] = False
+        table.remove(drop)
+        steps += 1
+    assert steps == n - 2 * groups
+    if router in ("qwen2", "v2_groups"):  # weights renormalise over the kept softmax rows: every token changes
+        assert table.rescored == steps * n_tokens
+    else:
+        assert table.rescored < steps * n_tokens * 0.7
