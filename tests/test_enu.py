@@ -282,3 +282,36 @@ def test_trial_table_rescoring_only_watched_tokens_equals_full_rescoring(router)
         assert table.rescored == steps * n_tokens
     else:
         assert table.rescored < steps * n_tokens * 0.7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_trial_table_cuda_graphs_equal_eager_rows():
+    """On a GPU the table rescores through captured CUDA graphs (padded token counts): the same rows as eager."""
+    from mop_ray.arch import RouterSpec
+    from mop_ray.methods.greedy import TrialTable
+    from mop_ray.methods.products import expert_products
+
+    spec = RouterSpec(top_k=4, scoring="sigmoid", norm_topk_prob=True, n_group=8, topk_group=4,
+                      group_score="top2_sum", routed_scaling_factor=2.5, has_correction_bias=True)
+    gen = torch.Generator().manual_seed(2)
+    n, hidden, n_tokens = 64, 16, 3000
+    moe = torch.nn.Module()
+    moe.experts, moe.gate = _Experts(n, hidden, 8, gen), _Gate(n, hidden, gen)
+    x = torch.randn(n_tokens, hidden, generator=gen)
+    logits, z = x @ moe.gate.weight.T, torch.randn(n_tokens, hidden, generator=gen)
+    moe = moe.cuda()
+    moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.cuda()
+    prods = expert_products(moe, _NoShared(), spec, x.cuda(), z.cuda(), logits.cuda(), min_kept=16, max_candidates=16)
+    batch = (torch.arange(n_tokens) * 4 // n_tokens).cuda()
+    keep = torch.ones(n, dtype=torch.bool, device="cuda")
+    graphed, eager = TrialTable(prods, batch, keep), TrialTable(prods, batch, keep)
+    eager.graphs = None
+    assert graphed.graphs is not None
+    for e in (3, 17, 40, 41, 9, 60, 33):
+        graphed.remove(e)
+        eager.remove(e)
+        assert torch.equal(graphed.watch, eager.watch)
+        scale = float(eager.err.abs().max())  # delta is a difference of errors: compare on their scale
+        assert float((graphed.delta - eager.delta).abs().max()) <= 1e-12 * scale
+        assert float((graphed.err - eager.err).abs().max()) <= 1e-12 * scale
+    assert len(graphed.graphs.graphs) >= 1

@@ -108,26 +108,24 @@ class TokenTrials:
 
 
 def token_trials(prods: ExpertProducts, tok: torch.Tensor, keep: torch.Tensor, fast: bool = True) -> TokenTrials:
-    """Every kept expert's trial (keep − {e}) for tokens ``tok`` [P]. Tokens with k+1 kept experts in their
-    chosen groups take the incremental path above; the rest (and all with ``fast=False``, the reference the
-    fast path is tested against) route every affected (token, trial) pair in full with ``mop_ray.arch.route``."""
-    spec, logits = prods.spec, prods.logits
-    n_experts, k, dev = logits.shape[1], spec.top_k, logits.device
-    err = torch.empty(tok.shape[0], dtype=torch.float64, device=dev)
-    delta = torch.zeros(tok.shape[0], n_experts, dtype=torch.float64, device=dev)
-    watch = torch.ones(tok.shape[0], n_experts, dtype=torch.bool, device=dev)
-    if fast:
-        nxt, ok, groups = route_rows(prods, tok, keep, k + 1)
-        sel = ok.nonzero()[:, 0]  # [F] rows on the fast path
-        if sel.shape[0]:
-            grp = None if groups is None else tuple(g[sel] for g in groups)
-            err[sel], delta[sel], watch[sel] = _fast_rows(prods, tok[sel], keep, nxt[sel], grp)
-        slow = (~ok).nonzero()[:, 0]
-    else:
-        slow = torch.arange(tok.shape[0], device=dev)
-    if slow.shape[0]:
-        err[slow], delta[slow] = _full_rows(prods, tok[slow], keep)
+    """Every kept expert's trial (keep − {e}) for tokens ``tok`` [P]. The incremental path above (``_fast_rows``)
+    takes every token it can; the rest — fewer than k+1 kept experts in its chosen groups, a route outside its
+    candidate list, a group switch with too few experts — and all with ``fast=False`` (the reference the fast
+    path is tested against) route every affected (token, trial) pair in full with ``mop_ray.arch.route``."""
+    if not fast:
+        err, delta = _full_rows(prods, tok, keep)
+        return TokenTrials(err, delta, torch.ones_like(delta, dtype=torch.bool))
+    err, delta, watch, bad = _fast_rows(prods, tok, keep)
+    _mend(prods, tok, keep, err, delta, watch, bad)
     return TokenTrials(err, delta, watch)
+
+
+def _mend(prods, tok, keep, err, delta, watch, bad) -> None:
+    """Rows the fast path could not score (``bad`` [P]) scored again in full, in place; they watch everything."""
+    sel = bad.nonzero()[:, 0]  # one host sync
+    if sel.shape[0]:
+        err[sel], delta[sel] = _full_rows(prods, tok[sel], keep)
+        watch[sel] = True
 
 
 def _scores(prods: ExpertProducts, tok: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -142,66 +140,93 @@ def _dense_base(prods, tok, scores, cross, quad, keep) -> torch.Tensor:
     return (prods.yy[tok, None] - 2 * s * cross[:, None] + s * s * quad[:, None]).clamp_min(0) * keep
 
 
-def _fast_rows(prods, tok, keep, nxt, groups):
+_DROPS: dict = {}
+
+
+def _drops(k: int, device) -> torch.Tensor:
+    """[k+1, k] positions into a token's next k+1 experts: row j < k leaves out the j-th (its route once that
+    expert is removed), row k is the first k (its route now)."""
+    key = (k, device)
+    if key not in _DROPS:
+        rows = [[i for i in range(k + 1) if i != j] for j in range(k)] + [list(range(k))]
+        _DROPS[key] = torch.tensor(rows, dtype=torch.long, device=device)
+    return _DROPS[key]
+
+
+def _fast_rows(prods, tok, keep):
+    """(err [P], delta [P, E], watch [P, E], bad [P]) for tokens ``tok`` [P] with fixed shapes and no host sync
+    (so a CUDA graph can hold it); ``bad`` rows are not valid and go to ``_mend``."""
     spec = prods.spec
     n_tokens, n_experts, k, dev = tok.shape[0], prods.logits.shape[1], spec.top_k, tok.device
+    nxt, ok, groups = route_rows(prods, tok, keep, k + 1)  # [P, k+1]
+    bad = ~ok
+    at = nxt.clamp_min(0)  # rows without k+1 experts hold -1: gathered anywhere, marked bad
+    spare = lambda t: torch.where(t >= 0, t, n_experts).flatten(1)  # noqa: E731 -1 → a spare column
     scores = _scores(prods, tok, keep)  # [P, E]
-    idx = nxt[:, :k]  # [P, k]
-    cross, quad = prods.pair_parts(tok, idx, gates(spec, scores.gather(1, idx)), keep)  # [P]
-    err = (prods.yy[tok] - 2 * cross + quad).clamp_min(0)  # [P]
-    routed = torch.zeros(n_tokens, n_experts, dtype=torch.bool, device=dev).scatter_(1, idx, True)
-    watch = torch.zeros(n_tokens, n_experts + 1, dtype=torch.bool, device=dev).scatter_(1, nxt, True)
-    switch = None
-    if groups is not None:
-        ids, v, chosen, runner_up = groups
-        m = ids.shape[-1] - 1
-        # the group's score without its j-th best expert (j < m): the next one moves up
-        without = v[..., 1:2] if m == 1 else torch.stack([v[..., 1] + v[..., 2], v[..., 0] + v[..., 2]], -1)
-        flips = (without <= runner_up[:, None, None]) & chosen[..., None]  # [P, G, m]
-        # a group with fewer than m kept experts has id -1 there: those go to a spare column, never onto expert 0
-        spare = lambda t: torch.where(t >= 0, t, n_experts).flatten(1)  # noqa: E731
-        switch = torch.zeros(n_tokens, n_experts + 1, dtype=torch.bool, device=dev)
-        switch = switch.scatter_(1, spare(ids[..., :m]), flips.reshape(n_tokens, -1))[:, :n_experts]
-        # what the routes depend on besides nxt: the scores and next experts of the chosen groups, and for a
-        # token that may switch, the score of the best unchosen group(s) (ties included)
-        score = v[..., 0] if m == 1 else v[..., 0] + v[..., 1]  # [P, G]
-        runner = ~chosen & (score == runner_up[:, None])  # [P, G]
-        movers = switch.any(-1)  # [P]
-        watch.scatter_(1, spare(ids.masked_fill(~chosen[..., None], -1)), True)
-        watch.scatter_(1, spare(ids[..., :m].masked_fill(~(runner & movers[:, None])[..., None], -1)), True)
-    delta = torch.zeros(n_tokens, n_experts, dtype=torch.float64, device=dev)
+    # every routed expert's trial and the current route at once, as k+1 routes per token: [P, k+1, k]
+    drops = _drops(k, dev)
+    ids = at[:, drops]  # [P, k+1, k]
+    s = scores.gather(1, at)[:, drops]  # [P, k+1, k]
+    if spec.scoring == "softmax":  # softmax over the kept rows without the dropped expert
+        s[:, :k] /= (1 - scores.gather(1, at[:, :k]))[..., None]
+    cross, quad, outside = prods.pair_parts_at(tok.repeat_interleave(k + 1), ids.view(-1, k), gates(spec, s).view(-1, k))
+    cross, quad = cross.view(n_tokens, k + 1), quad.view(n_tokens, k + 1)
+    bad |= outside.view(n_tokens, k + 1).any(-1)
+    errs = (prods.yy[tok, None] - 2 * cross + quad).clamp_min(0)  # [P, k+1]
+    err = errs[:, k]  # [P] under the kept set
+    watch = torch.zeros(n_tokens, n_experts + 1, dtype=torch.bool, device=dev).scatter_(1, spare(nxt), True)
     if _dense(spec):  # every trial changes every token's weights
-        hit = routed if switch is None else routed | switch
-        delta = (_dense_base(prods, tok, scores, cross, quad, keep) - err[:, None]).masked_fill(hit | ~keep, 0)
-        watch[:] = True  # (the spare column too)
-    # routed pairs that keep their groups: drop e, the (k+1)-th expert moves up
-    p, e = (routed if switch is None else routed & ~switch).nonzero(as_tuple=True)  # [Q]
-    pick = nxt[p]  # [Q, k+1]
-    ids = pick[pick != e[:, None]].view(-1, k)  # [Q, k]
-    s = scores[p[:, None], ids]  # [Q, k]
+        delta = _dense_base(prods, tok, scores, cross[:, k], quad[:, k], keep) - err[:, None]
+        delta = torch.cat([delta.masked_fill(~keep, 0), delta[:, :1]], 1)  # [P, E+1]
+        watch[:] = True
+    else:
+        delta = torch.zeros(n_tokens, n_experts + 1, dtype=torch.float64, device=dev)
+    # routed experts: drop e, the (k+1)-th expert moves up (a pair that may switch groups is overwritten below)
+    delta.scatter_(1, spare(nxt[:, :k]), errs[:, :k] - err[:, None])
+    if groups is not None:
+        _switch_rows(prods, tok, keep, groups, scores, err, delta, watch, bad)
+    return err, delta[:, :n_experts], watch[:, :n_experts], bad
+
+
+def _switch_rows(prods, tok, keep, groups, scores, err, delta, watch, bad) -> None:
+    """Group routing: the trials that may switch a token's groups — e among the experts that set a chosen
+    group's score, whose score without e falls to the best unchosen group's — routed again in full over fixed
+    slots (the chosen groups' top m, [P, tg·m]); ``delta``, ``watch`` [P, E+1] and ``bad`` updated in place."""
+    spec = prods.spec
+    n_tokens, n_experts, k, dev = tok.shape[0], prods.logits.shape[1], spec.top_k, tok.device
+    gids, v, chosen, runner_up = groups  # [P, G, m+1] ids and values, [P, G] bool, [P]
+    m = gids.shape[-1] - 1
+    # the group's score without its j-th best expert (j < m): the next one moves up
+    without = v[..., 1:2] if m == 1 else torch.stack([v[..., 1] + v[..., 2], v[..., 0] + v[..., 2]], -1)
+    flips = (without <= runner_up[:, None, None]) & chosen[..., None] & (gids[..., :m] >= 0)  # [P, G, m]
+    # what the routes depend on besides nxt: the scores and next experts of the chosen groups, and for a token
+    # that may switch, the score of the best unchosen group(s) (ties included)
+    score = v[..., 0] if m == 1 else v[..., 0] + v[..., 1]  # [P, G]
+    runner = ~chosen & (score == runner_up[:, None]) & flips.flatten(1).any(-1)[:, None]  # [P, G]
+    both = torch.cat([gids.masked_fill(~chosen[..., None], -1), gids[..., :m].masked_fill(~runner[..., None], -1)], -1)
+    watch.scatter_(1, torch.where(both >= 0, both, n_experts).flatten(1), True)
+    # slots: the chosen groups' top m experts ([P, tg] groups; only they can flip)
+    cg = chosen.float().topk(spec.topk_group, dim=-1, sorted=False).indices  # [P, tg]
+    slot_e = gids[..., :m].gather(1, cg[..., None].expand(-1, -1, m)).flatten(1)  # [P, S]
+    slot_f = flips.gather(1, cg[..., None].expand(-1, -1, m)).flatten(1)  # [P, S]
+    n_slots = slot_e.shape[1]
+    rows = torch.arange(n_tokens * n_slots, device=dev)
+    t = tok.repeat_interleave(n_slots)  # [P·S]
+    e = torch.where(slot_f, slot_e, n_experts).flatten()  # [P·S] the removed expert, or the spare column
+    trial = torch.cat([keep, keep.new_zeros(1)]).expand(t.shape[0], -1).clone()  # [P·S, E+1]
+    trial.scatter_(1, e[:, None], False)
+    i2, ok2, _ = route_rows(prods, t, trial[:, :n_experts], k)  # [P·S, k]
+    i2c = i2.clamp_min(0)
+    p = rows // n_slots  # [P·S] row in this block
+    s = scores[p[:, None], i2c]  # [P·S, k]
     if spec.scoring == "softmax":
-        s = s / (1 - scores[p, e])[:, None]  # softmax over the kept rows without e
-    delta[p, e] = prods.pair_errors(tok[p], ids, gates(spec, s), keep) - err[p]
-    if switch is not None:  # pairs that may switch groups: routed again in full
-        p, e = switch.nonzero(as_tuple=True)
-        step = max(1, (32 << 20) // n_experts)
-        for start in range(0, p.shape[0], step):
-            pp, ee = p[start:start + step], e[start:start + step]
-            t = tok[pp]
-            trial = keep.expand(t.shape[0], -1).clone()  # [q, E]
-            trial[torch.arange(t.shape[0], device=dev), ee] = False
-            i2, ok, _ = route_rows(prods, t, trial, k)  # [q, k]
-            if bool(ok.all()):  # presorted routing; gates without e as in the path above
-                s = scores[pp[:, None], i2]
-                if spec.scoring == "softmax":
-                    s = s / (1 - scores[pp, ee])[:, None]
-                w2 = gates(spec, s)
-                watch[pp[:, None], i2] = True  # the new route: the rest of its groups come after these
-            else:
-                i2, w2 = route(spec, prods.logits[t], prods.bias, keep=trial)
-                watch[pp] = True  # fewer than k kept in the new groups: rescore on any removal
-            delta[pp, ee] = prods.pair_errors(t, i2, w2, keep) - err[pp]
-    return err, delta, watch[:, :n_experts]
+        s = s / (1 - scores[p, e.clamp_max(n_experts - 1)])[:, None]
+    cross, quad, outside = prods.pair_parts_at(t, i2c, gates(spec, s))
+    pe = (prods.yy[t] - 2 * cross + quad).clamp_min(0)  # [P·S]
+    delta.scatter_(1, e.view(n_tokens, n_slots), (pe - err[p]).view(n_tokens, n_slots))  # non-flips: spare
+    # the new routes: the rest of their groups come after these
+    watch.scatter_(1, torch.where(slot_f.flatten()[:, None], i2c, n_experts).view(n_tokens, -1), True)
+    bad |= (slot_f.flatten() & (~ok2 | outside)).view(n_tokens, n_slots).any(-1)
 
 
 def _group_members(prods: ExpertProducts, tok: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -245,6 +270,43 @@ def _full_rows(prods, tok, keep):
     return err, delta
 
 
+CHUNK = 8192  # tokens scored per call: bounds the re-routed slots' temporaries ([CHUNK·tg·m, E] ids)
+
+
+class _StepGraphs:
+    """``_fast_rows`` captured as CUDA graphs, one per power-of-two token count up to CHUNK (padded with a
+    repeated token): a greedy step is a few hundred small kernels over a few thousand tokens, so launching them
+    one by one costs ~10× their GPU time. Graphs share one memory pool; every replay's outputs are copied out
+    before the next replay."""
+
+    def __init__(self, prods: ExpertProducts, keep: torch.Tensor):
+        self.prods, self.keep = prods, keep  # ``keep`` is updated in place between replays
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple] = {}
+
+    def __call__(self, tok: torch.Tensor):
+        size = max(256, 1 << (tok.shape[0] - 1).bit_length())
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(size, tok[:1])
+        graph, buf, outs = self.graphs[size]
+        buf[:tok.shape[0]] = tok
+        buf[tok.shape[0]:] = tok[0]
+        graph.replay()
+        return [o[:tok.shape[0]].clone() for o in outs]
+
+    def _capture(self, size: int, pad: torch.Tensor):
+        buf = pad.expand(size).clone()
+        side = torch.cuda.Stream(buf.device)
+        side.wait_stream(torch.cuda.current_stream(buf.device))
+        with torch.cuda.stream(side):  # warm-up: cuBLAS handles, cached constants, ``orders`` outside the pool
+            _fast_rows(self.prods, buf, self.keep)
+        torch.cuda.current_stream(buf.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outs = _fast_rows(self.prods, buf, self.keep)
+        return graph, buf, outs
+
+
 class TrialTable:
     """Every token's trial rows under the current kept set, rescored only where a removal reaches them."""
 
@@ -255,15 +317,32 @@ class TrialTable:
         dev = prods.logits.device
         self.onehot = torch.zeros(n_batches, batch.shape[0], dtype=torch.float64, device=dev)  # [B, N]
         self.onehot[batch, torch.arange(batch.shape[0], device=dev)] = 1
-        rows = token_trials(prods, torch.arange(prods.n_tokens, device=dev), self.keep, fast)
-        self.err, self.delta, self.watch = rows.err, rows.delta, rows.watch  # [N], [N, E], [N, E]
+        n_tokens, n_experts = prods.logits.shape
+        self.err = torch.empty(n_tokens, dtype=torch.float64, device=dev)  # [N]
+        self.delta = torch.empty(n_tokens, n_experts, dtype=torch.float64, device=dev)  # [N, E]
+        self.watch = torch.empty(n_tokens, n_experts, dtype=torch.bool, device=dev)  # [N, E]
+        self.graphs = _StepGraphs(prods, self.keep) if dev.type == "cuda" and fast else None
+        self._score(torch.arange(n_tokens, device=dev), graphs=False)
         self.rescored = 0  # token rows scored again after removals
+
+    def _score(self, tok: torch.Tensor, graphs: bool = True) -> None:
+        for start in range(0, tok.shape[0], CHUNK):
+            t = tok[start:start + CHUNK]
+            if not self.fast:
+                rows = token_trials(self.prods, t, self.keep, fast=False)
+                err, delta, watch = rows.err, rows.delta, rows.watch
+            else:
+                if graphs and self.graphs is not None:
+                    err, delta, watch, bad = self.graphs(t)
+                else:
+                    err, delta, watch, bad = _fast_rows(self.prods, t, self.keep)
+                _mend(self.prods, t, self.keep, err, delta, watch, bad)
+            self.err[t], self.delta[t], self.watch[t] = err, delta, watch
 
     def remove(self, e: int) -> None:
         self.keep[e] = False
         tok = self.watch[:, e].nonzero()[:, 0]  # [P]
-        rows = token_trials(self.prods, tok, self.keep, self.fast)
-        self.err[tok], self.delta[tok], self.watch[tok] = rows.err, rows.delta, rows.watch
+        self._score(tok)
         self.rescored += int(tok.shape[0])
 
     def losses(self, options: torch.Tensor) -> torch.Tensor:
@@ -301,5 +380,5 @@ def greedy(prods: ExpertProducts, batch: torch.Tensor, n: int, r: int, groups: i
         trace.append({"dropped": options[best], "loss": losses[best]})
     kept = [e for e in range(n) if kept_now[e]]
     return kept, {"mode": "greedy", "sets_scored": scored, "loss": trace[-1]["loss"], "trace": trace,
-                  "candidates": prods.n_candidates, "rebuilt_tokens": prods.refreshed, "direct_pairs": prods.direct,
-                  "rescored_tokens": table.rescored}
+                  "candidates": prods.n_candidates, "rebuilt_tokens": prods.refreshed, "rebuilds": prods.refreshes, "direct_pairs": prods.direct,
+                  "rescored_tokens": table.rescored, "step_graphs": len(table.graphs.graphs) if table.graphs else 0}

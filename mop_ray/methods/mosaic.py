@@ -18,6 +18,7 @@ each group's candidates separately (domains are shared).
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -40,35 +41,34 @@ def activation_variability(p_sum: np.ndarray, plogp_sum: np.ndarray, n_tokens: i
     return np.where(p_sum > 0, s, 0.0)
 
 
-def kmeans(x: torch.Tensor, k: int, seed: int = 0, n_init: int = 3, max_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
+def kmeans(x: torch.Tensor, k: int, seed: int = 0, n_init: int = 3, max_iter: int = 100, tol: float = 1e-6,
+           draws: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Lloyd's K-Means with k-means++ seeding on x's device; labels [N]. Best of ``n_init`` by inertia.
 
     Torch rather than scikit-learn: the sampled hidden states already sit on the selection task's GPU, where
     one Lloyd step over 65k × 7168 inputs takes milliseconds; scikit-learn would copy them to the host and run
-    on its cores. Deterministic for a seed on a given device.
+    on its cores. Deterministic for a seed on a given device. ``draws``: ``seeding_draws(N, k, seed, n_init)``,
+    when the caller drew them ahead (they depend on nothing else; ~0.1 s per run on a host core).
     """
     x = x.float()
     n = x.shape[0]
     if k >= n:
         return torch.arange(n, device=x.device) % k
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     best, best_inertia = None, float("inf")
     x2 = x.pow(2).sum(-1)  # [N]
-    for _ in range(n_init):
-        centers = x[torch.randint(n, (1,), generator=gen).item()][None].clone()  # [1, H]
-        d2 = (x2 - 2 * x @ centers[0] + centers[0].pow(2).sum()).clamp_min(0)  # [N]
-        for _ in range(1, k):  # k-means++: next center ∝ squared distance to the nearest chosen one
-            probs = (d2 / d2.sum()).cpu() if float(d2.sum()) > 0 else torch.full((n,), 1.0 / n)
-            c = x[torch.multinomial(probs, 1, generator=gen).item()]
-            centers = torch.cat([centers, c[None]])
-            d2 = torch.minimum(d2, (x2 - 2 * x @ c + c.pow(2).sum()).clamp_min(0))
+    firsts, q = draws if draws is not None else seeding_draws(n, k, seed, n_init)
+    for centers in _seed_centers(x, x2, firsts, q):  # [k, H] each
         prev = None
         for _ in range(max_iter):
             dist = x2[:, None] - 2 * x @ centers.T + centers.pow(2).sum(-1)[None]  # [N, k]
             labels = dist.argmin(-1)
             inertia = float(dist.gather(1, labels[:, None]).clamp_min(0).sum())
-            sums = torch.zeros_like(centers).index_add_(0, labels, x)
-            counts = torch.bincount(labels, minlength=k).to(x.dtype)[:, None]
+            if x.is_cuda:  # one GEMM with the one-hot labels: ~2× index_add_'s atomics at 65k × 7168
+                onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype).T  # [k, N]
+                sums, counts = onehot @ x, onehot.sum(-1, keepdim=True)  # [k, H], [k, 1]
+            else:
+                sums = torch.zeros_like(centers).index_add_(0, labels, x)
+                counts = torch.bincount(labels, minlength=k).to(x.dtype)[:, None]
             centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
             if prev is not None and prev - inertia <= tol * max(prev, 1e-30):
                 break
@@ -76,6 +76,46 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, n_init: int = 3, max_iter: in
         if inertia < best_inertia:
             best, best_inertia = labels, inertia
     return best
+
+
+def seeding_draws(n: int, k: int, seed: int = 0, n_init: int = 3) -> tuple[list[int], torch.Tensor]:
+    """The random numbers of ``n_init`` k-means++ seedings over n points: each run's first index and the
+    exponentials of its k − 1 draws [k-1, n_init, n], from a CPU generator in the order one run after another
+    draws them (what torch.multinomial for one sample draws: it picks argmax(p / q), q ~ Exp(1))."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    firsts, qs = [], []
+    for _ in range(n_init):
+        firsts.append(int(torch.randint(n, (1,), generator=gen).item()))
+        qs.append(torch.empty(k - 1, n).exponential_(generator=gen))  # [k-1, N]
+    return firsts, torch.stack(qs, 1)
+
+
+def _seed_centers(x: torch.Tensor, x2: torch.Tensor, firsts: list[int], q: torch.Tensor) -> torch.Tensor:
+    """k-means++ seeding of every run at once [I, k, H]: each next centre drawn ∝ squared distance to the
+    nearest chosen one, argmax(p / q) with ``seeding_draws``' exponentials q [k-1, I, N], so the loop runs on x's
+    device without a host round trip per centre, reads x once per step for all runs, and picks what a
+    host-side multinomial per centre would."""
+    n, k = x.shape[0], q.shape[0] + 1
+    q = q.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else q
+    centers = torch.empty(len(firsts), k, x.shape[1], dtype=x.dtype, device=x.device)  # [I, k, H]
+    centers[:, 0] = x[firsts]
+    d2 = _sq_dist(x, x2, centers[:, 0])  # [I, N]
+    uniform = torch.full_like(d2, 1.0 / n)
+    for j in range(1, k):
+        total = d2.sum(-1, keepdim=True)  # [I, 1]
+        probs = torch.where(total > 0, d2 / total, uniform)  # all points on centres: uniform
+        c = x[(probs / q[j - 1]).argmax(-1)]  # [I, H] device indices: no sync
+        centers[:, j] = c
+        d2 = torch.minimum(d2, _sq_dist(x, x2, c))
+    return centers
+
+
+def _sq_dist(x: torch.Tensor, x2: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """‖x_t − c_i‖² [I, N] for centres c [I, H]: on CUDA one GEMM for all I (x read once); on the host one
+    matrix-vector product per centre, as the seeding has always computed them there."""
+    if x.is_cuda:
+        return (x2[None] - 2 * (c @ x.T) + c.pow(2).sum(-1, keepdim=True)).clamp_min(0)
+    return torch.stack([(x2 - 2 * x @ ci + ci.pow(2).sum()).clamp_min(0) for ci in c])
 
 
 def spearman_ward(perf: np.ndarray, n_clusters: int) -> np.ndarray:
@@ -136,13 +176,18 @@ def gvp(ctx: LayerContext, r: int) -> Choice:
 @register("mop", needs_records=True, needs_weights=True, set_based=True,
           summary="Mosaic Pruning: general experts + one specialist per Spearman/Ward cluster of domain errors")
 def mop(ctx: LayerContext, r: int) -> Choice:
-    m, general, enu_details, s_var, prods, sample = _stage1(ctx, r)
-    n, k_domains = ctx.num_experts, r - m
+    k_domains = r - split_general(r, ctx.params.get("general"), ctx.groups)
+    n_rows = len(ctx.records.sample.logits)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # K-Means' random numbers, drawn while stage 1 runs
+        draws = pool.submit(seeding_draws, n_rows, k_domains, ctx.seed) if 0 < k_domains < n_rows else None
+        m, general, enu_details, s_var, prods, sample = _stage1(ctx, r)
+        draws = draws.result() if draws is not None else None
+    n = ctx.num_experts
     details = {"general": general, "m": m, "s_var": s_var.tolist(), "enu": enu_details}
     if k_domains == 0:
         return Choice(s_var, sorted(general), details)
     x = sample.tensor("x", prods.logits.device)  # [N, H] float32
-    domains = kmeans(x, k_domains, seed=ctx.seed)  # [N] (Eq. 5)
+    domains = kmeans(x, k_domains, seed=ctx.seed, draws=draws)  # [N] (Eq. 5)
     errors = prods.single_expert_errors(single_expert_weight(prods.spec, prods.logits))  # [N, E] ‖E_i(x)−z‖²
     counts = torch.bincount(domains, minlength=k_domains).double()  # [K]
     sums = torch.zeros(k_domains, n, dtype=torch.float64, device=errors.device).index_add_(0, domains, errors)

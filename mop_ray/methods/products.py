@@ -50,17 +50,20 @@ class ExpertRunner:
         width = (self.n_experts + 16) * self.x.shape[-1] * torch.finfo(self.store).bits // 8
         return max(1, budget // width)
 
-    def __call__(self, tokens: torch.Tensor | slice, append_y: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, tokens: torch.Tensor | slice, append_y: bool = False,
+                 experts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``append_y``: rows E and E+1 of f [m, E+pad, H] sum to y (its half-precision high and low parts, or y
-        and 0) and the rest are 0, so one Gram of f holds ⟨f_i, f_j⟩, ⟨y, f_e⟩ and ‖f_e‖² together."""
+        and 0) and the rest are 0, so one Gram of f holds ⟨f_i, f_j⟩, ⟨y, f_e⟩ and ‖f_e‖² together.
+        ``experts``: run only these (f [m, len(experts), H], in that order)."""
         xs = self.x[tokens].to(dtype=self.dtype)  # [m, H]
         shared = self.family.shared_output(self.moe, xs)
         y = self.z[tokens].to(self.prec) - (shared.to(self.prec) if shared is not None else 0)  # [m, H]
-        n = self.n_experts
+        ids = list(range(self.n_experts)) if experts is None else experts
+        n = len(ids)
         rows = -(-(n + 2) // 16) * 16 if append_y else n  # a multiple of 16 keeps the Gram on tensor cores
         f = torch.empty(xs.shape[0], rows, xs.shape[1], dtype=self.store, device=xs.device)  # [m, E(+pad), H]
-        for e in range(n):
-            f[:, e] = expert_forward(self.moe.experts, xs, e)
+        for j, e in enumerate(ids):
+            f[:, j] = expert_forward(self.moe.experts, xs, e)
         if append_y:
             f[:, n] = y  # rounded to ``store``
             f[:, n + 1] = y - f[:, n].to(y.dtype)  # the rounding error: y = hi + lo to ~2^-16 relative in half
@@ -91,6 +94,7 @@ class ExpertProducts:
     spec: RouterSpec
     runner: ExpertRunner | None = None  # re-runs experts for routes outside the candidate lists
     refreshed: int = 0  # tokens whose candidate list was rebuilt
+    refreshes: int = 0  # rebuilds (each re-runs the kept experts on its tokens)
     direct: int = 0  # (set, token) pairs scored from re-run outputs
     _orders: tuple | None = None
 
@@ -134,38 +138,49 @@ class ExpertProducts:
         ``keep`` [E] is a superset of every kept set the routes came from: a token whose route leaves its
         candidate list gets a new list drawn from these experts.
         """
+        cross, quad, outside = self.pair_parts_at(tok, idx, w)
+        if bool(outside.any()):
+            self._refresh(tok[outside].unique(), keep)
+            cross, quad, outside = self.pair_parts_at(tok, idx, w)
+        if bool(outside.any()):  # still outside after a rebuild (group switches): products of re-run outputs
+            sel = outside.nonzero()[:, 0]
+            quad[sel] = self._direct_quad(tok[sel], idx[sel], w[sel].double())
+        return cross, quad
+
+    def pair_parts_at(self, tok: torch.Tensor, idx: torch.Tensor,
+                      w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``pair_parts`` from the candidate lists as they are, with no host sync: cross, quad [P] and whether
+        the route leaves the token's list [P] bool (its quad is then not valid)."""
         w = w.double()
         p = self.pos[tok[:, None], idx]  # [P, k] positions in cand
         outside = ((p < 0) & (w > 0)).any(-1)  # [P]
-        if bool(outside.any()):
-            self._refresh(tok[outside].unique(), keep)
-            p = self.pos[tok[:, None], idx]
-            outside = ((p < 0) & (w > 0)).any(-1)
         p = p.clamp_min(0)  # zero-weight slots (fewer kept experts than k) may point anywhere
         g = self.gram[tok[:, None, None], p[:, :, None], p[:, None, :]].double()  # [P, k, k]
         cross = (w * self.yf[tok[:, None], idx]).sum(-1)  # [P]
         quad = torch.einsum("pj,pjl,pl->p", w, g, w)  # [P]
-        if bool(outside.any()):  # still outside after a rebuild (group switches): products of re-run outputs
-            sel = outside.nonzero()[:, 0]
-            quad[sel] = self._direct_quad(tok[sel], idx[sel], w[sel])
-        return cross, quad
+        return cross, quad, outside
 
     def _refresh(self, tokens: torch.Tensor, keep: torch.Tensor) -> None:
-        """Rebuild the candidate lists of ``tokens`` [m] from the experts in ``keep``, re-running their experts."""
+        """Rebuild the candidate lists of ``tokens`` [m] from the experts in ``keep``, re-running those experts."""
         if self.runner is None:
             raise RuntimeError("internal: a route left the candidate list and no expert runner is attached")
         c = self.n_candidates
+        kept = keep.nonzero()[:, 0]  # [U] the experts a new list can hold: only they re-run
+        slot = torch.full((keep.shape[0],), -1, dtype=torch.long, device=keep.device)
+        slot[kept] = torch.arange(kept.shape[0], device=keep.device)  # expert id -> row of f
         step = self.runner.chunk_tokens()
         for start in range(0, tokens.shape[0], step):
             t = tokens[start:start + step]
             cand = self.choice[t].masked_fill(~keep, float("-inf")).topk(c, dim=-1).indices  # [m, c]
-            f, _ = self.runner(t)  # [m, E, H]
-            fc = f.gather(1, cand[:, :, None].expand(-1, -1, f.shape[-1]))  # [m, c, H]
+            f, _ = self.runner(t, experts=kept.tolist())  # [m, U, H]
+            fc = f.gather(1, slot[cand][:, :, None].clamp_min(0).expand(-1, -1, f.shape[-1]))  # [m, c, H]
             self.gram[t] = bmm32(fc, fc.transpose(1, 2)).to(self.gram.dtype)
             self.pos[t] = -1
-            self.pos[t[:, None], cand] = torch.arange(c, device=t.device).expand(t.shape[0], -1)
+            at = torch.arange(c, device=t.device).expand(t.shape[0], -1)
+            self.pos[t[:, None], cand] = torch.where(slot[cand] >= 0, at, -1)  # fewer than c kept: the rest absent
             self.cand[t] = cand
         self.refreshed += int(tokens.shape[0])
+        self.refreshes += 1
 
     def _direct_quad(self, tok: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Σ_{j,l} w_j w_l ⟨f_j, f_l⟩ [P] from re-run expert outputs."""
