@@ -3,8 +3,9 @@
 It builds its layers on ``meta`` from the arch adapter, loading only their tensors, in a background thread, and
 runs calibration waves through them: a wave is a few micro-batches taken layer by layer, so layer j computes
 while layer j+1 loads. The first stage owns the token embedding and takes token ids; every stage but the last
-returns the wave's hidden states on the host for the next one. A forward hook on each MoE block hands the
-block's input and output to an ``MoEObserver`` (statistics over all tokens + the sampled rows).
+returns the wave's hidden states on the host for the next one. While recording, each MoE block's forward goes
+through an ``MoEObserver`` (statistics over all tokens + the sampled rows), which for few experts also computes
+the block's output from its all-experts pass instead of running the block's own top-k pass.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class LayerShardWorker:
         self.record = record
         self.sources: list[str] | None = None
         self.observers: dict[int, MoEObserver] = {}
-        self._hooks = []
+        self._observed_blocks: list[torch.nn.Module] = []
         self._meta: dict | None = None
         self.device = pick_device()
         self._built: list[Future] = [Future() for _ in self.layer_ids]  # -> the decoder layer on the device
@@ -109,7 +110,8 @@ class LayerShardWorker:
                     layer = build_layer(self.ckpt, i, config=config, device=self.device, dtype=dtype, state_dict=sd)
                     del sd
                     if i in self.ckpt.moe_layers:
-                        self._hooks.append(layer.mlp.register_forward_hook(self._hook(i)))
+                        layer.mlp.forward = self._observed(i, layer.mlp)  # an instance attribute: undone in finish
+                        self._observed_blocks.append(layer.mlp)
                     if stream is not None:
                         stream.synchronize()  # on the device before any compute uses it
                     times["build_s"] += time.perf_counter() - t  # build on meta, assign, copy to the device
@@ -147,16 +149,26 @@ class LayerShardWorker:
                 self.observers[i] = MoEObserver(i, ckpt.family, spec, ckpt.num_experts, len(sources),
                                                 SampleWriter(layer_dir(self.run_dir, i), sources))
 
-    def _hook(self, i: int):
-        def hook(module, args, output):
+    def _observed(self, i: int, moe: torch.nn.Module):
+        """The MoE block's forward while recording: the observer computes the block's output from the all-experts
+        pass its statistics need (``MoEObserver.forward``) when every expert's output on the micro-batch fits its
+        budget; otherwise the block runs as it is and the observer sees its input and output."""
+        plain = moe.forward
+
+        def forward(hidden_states, *args, **kwargs):
             obs = self.observers.get(i)
             if obs is None or self._meta is None:  # not recording (or not yet begun): a plain forward
-                return
-            x = args[0]
-            h = x.shape[-1]
+                return plain(hidden_states, *args, **kwargs)
+            h = hidden_states.shape[-1]
+            x = hidden_states.reshape(-1, h)
             m = self._meta
-            obs.observe(module, x.reshape(-1, h), output.reshape(-1, h), m["source"], m["sample"], m["block"], m["pos"])
-        return hook
+            if obs.fits(x):
+                z = obs.forward(moe, x, m["source"], m["sample"], m["block"], m["pos"])
+            else:
+                z = plain(hidden_states, *args, **kwargs).reshape(-1, h)
+                obs.observe(moe, x, z, m["source"], m["sample"], m["block"], m["pos"])
+            return z.reshape(hidden_states.shape)
+        return forward
 
     def forward(self, mb_id: int, inp: torch.Tensor, meta: dict, last: bool = False) -> torch.Tensor | None:
         """One micro-batch (``forward_wave`` of one): token ids [B, L] on the first stage, hidden states [B, L, H]
@@ -213,9 +225,9 @@ class LayerShardWorker:
     def finish(self) -> dict[int, dict]:
         """Close the sample files and write the statistics; -> {layer: {"rows", "tokens"}}."""
         self._loader.join()
-        for handle in self._hooks:  # the blocks may be used for selection next (``select``), unobserved
-            handle.remove()
-        self._hooks.clear()
+        for moe in self._observed_blocks:  # the blocks may be used for selection next (``select``), unobserved
+            del moe.forward  # the class's forward again
+        self._observed_blocks.clear()
         done = {}
         for i, obs in self.observers.items():  # obs.stats: the device's sums, brought to the host once
             rows = obs.sample_writer.rows

@@ -128,3 +128,24 @@ def test_threaded_direct_expert_reads_equal_the_stacking_path(tiny_models, famil
     assert set(direct) == set(stacked)
     for name in direct:
         assert direct[name].dtype == stacked[name].dtype and torch.equal(direct[name], stacked[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="staged host-to-GPU copies need a GPU")
+def test_to_device_through_pinned_chunks_equals_module_to(monkeypatch):
+    """``to_device`` (two pinned chunk buffers, asynchronous copies) moves every parameter and buffer exactly as
+    ``Module.to`` does, across chunk boundaries, dtypes, an empty and a non-contiguous tensor, with a dtype cast."""
+    from mop_ray.arch import layer as layer_mod
+
+    monkeypatch.setattr(layer_mod, "COPY_CHUNK", 1000)  # many chunks, odd boundaries
+    gen = torch.Generator().manual_seed(0)
+    m = torch.nn.Module()
+    m.a = torch.nn.Parameter(torch.randn(77, 33, generator=gen).to(torch.bfloat16), requires_grad=False)
+    m.b = torch.nn.Parameter(torch.randn(40, 41, generator=gen).T, requires_grad=False)  # non-contiguous
+    m.register_buffer("c", torch.randint(0, 1000, (123,), generator=gen))
+    m.register_buffer("d", torch.empty(0))
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    moved = layer_mod.to_device(m, "cuda", torch.float16)
+    for k, v in moved.state_dict().items():
+        assert v.is_cuda, k
+        want = ref[k].to(torch.float16) if ref[k].is_floating_point() else ref[k]
+        assert v.dtype == want.dtype and torch.equal(v.cpu(), want), k

@@ -227,3 +227,33 @@ def test_a_stage_computes_its_first_layer_while_the_next_still_loads(tiny_models
     assert out["h"][0].shape == (2, 16, worker.ckpt.config["hidden_size"])
     assert worker.observers[1].tokens.sum() == 32
     worker.finish()
+
+
+def test_observer_forward_equals_the_stock_block_and_its_statistics(tiny_models, family):
+    """``MoEObserver.forward`` (the block's output from the all-experts pass, no top-k pass of its own) gives the
+    stock transformers block's output and the same statistics and sample as observing that output; with an
+    output budget too small for the micro-batch the stage runs the block itself (``fits`` is False)."""
+    from mop_ray.arch.layer import build_layer
+    from mop_ray.observe import observer as observer_mod
+    from mop_ray.observe.observer import MoEObserver
+
+    ckpt = Checkpoint(tiny_models[family])
+    moe = build_layer(ckpt, ckpt.moe_layers[0]).mlp
+    spec = ckpt.family.router_spec(ckpt.config)
+    x = torch.randn(64, int(ckpt.config["hidden_size"]), generator=torch.Generator().manual_seed(0))
+    source, block, pos = torch.arange(64) % 2, torch.zeros(64, dtype=torch.long), torch.arange(64)
+    ours, stock = (MoEObserver(0, ckpt.family, spec, ckpt.num_experts, 2, None) for _ in range(2))
+    with torch.no_grad():
+        z_stock = moe(x[None])[0]
+    z = ours.forward(moe, x, source, None, block, pos)
+    stock.observe(moe, x, z_stock, source, None, block, pos)
+    assert torch.allclose(z, z_stock, rtol=1e-5, atol=1e-6)
+    for name in STAT_FIELDS:
+        assert np.allclose(ours.stats[name], stock.stats[name], rtol=1e-4, atol=1e-6), name
+    assert ours.fits(x)
+    budget = observer_mod.OUTPUTS_BUDGET
+    try:
+        observer_mod.OUTPUTS_BUDGET = 0
+        assert not ours.fits(x)
+    finally:
+        observer_mod.OUTPUTS_BUDGET = budget

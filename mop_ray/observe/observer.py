@@ -23,6 +23,9 @@ from mop_ray.arch.experts import expert_forward
 from mop_ray.observe.records import STAT_FIELDS, SampleWriter
 
 
+OUTPUTS_BUDGET = 1 << 30  # bytes of expert outputs ``MoEObserver.forward`` may hold at once (all E on one micro-batch)
+
+
 def single_expert_weight(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
     """Gate weight of expert e when it is the only kept expert, [T, E] (MoP's E_i(x) = w·f_i(x) + shared)."""
     if spec.scoring == "softmax" or spec.norm_topk_prob:
@@ -49,18 +52,47 @@ class MoEObserver:
             return {f: np.zeros((self.n_sources, self.n_experts), dtype=np.float64) for f in STAT_FIELDS}
         return {f: v.cpu().numpy() for f, v in self._sums.items()}
 
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether every expert's output on x [T, H] fits ``OUTPUTS_BUDGET`` at once (``forward`` keeps them)."""
+        return self.n_experts * x.shape[0] * x.shape[1] * x.element_size() <= OUTPUTS_BUDGET
+
+    @torch.no_grad()
+    def forward(self, moe: torch.nn.Module, x: torch.Tensor, source: torch.Tensor, sample: torch.Tensor | None,
+                block: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The MoE block's output z [T, H] for its input x [T, H], assembled from the all-experts pass the
+        statistics need anyway, then observed as ``observe`` would: the block's own top-k pass is not run (a
+        quarter more expert compute for top-2 of 8). Routing is ``mop_ray.arch.route`` on float32 logits — the
+        same decisions the statistics count — and the gated expert outputs and shared term sum in float32, so z
+        may differ from the stock block's by its half-precision rounding."""
+        logits, idx, w = self._route(moe, x)
+        outputs = [expert_forward(moe.experts, x, e) for e in range(self.n_experts)]  # [T, H] each
+        shared = self.family.shared_output(moe, x)
+        gate = torch.zeros(logits.shape, dtype=torch.float32, device=x.device).scatter_(1, idx, w)  # [T, E]
+        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
+        if shared is not None:
+            acc += shared  # (a copy: shared itself is observed below)
+        for e, f in enumerate(outputs):
+            acc.addcmul_(gate[:, e, None], f)  # Σ_e w_e f_e(x) + shared, [T, H] float32
+        z = acc.to(x.dtype)
+        self._observe(moe, x, z, source, sample, block, pos, (logits, idx, w), outputs, shared)
+        return z
+
     @torch.no_grad()
     def observe(self, moe: torch.nn.Module, x: torch.Tensor, z: torch.Tensor, source: torch.Tensor,
                 sample: torch.Tensor | None, block: torch.Tensor, pos: torch.Tensor) -> None:
         """x, z: [T, H] MoE input/output; source, block, pos: [T] int (host); sample: [T] bool rows to record."""
-        gate = moe.gate
+        self._observe(moe, x, z, source, sample, block, pos, self._route(moe, x), None, self.family.shared_output(moe, x))
+
+    def _route(self, moe, x):
+        logits = torch.nn.functional.linear(x.float(), moe.gate.weight.float())  # [T, E]
+        idx, w = route(self.spec, logits, getattr(moe.gate, "e_score_correction_bias", None))  # [T, k] ids, gates
+        return logits, idx, w
+
+    def _observe(self, moe, x, z, source, sample, block, pos, routed, outputs, shared) -> None:
+        logits, idx, w = routed
         dev = x.device
-        logits = torch.nn.functional.linear(x.float(), gate.weight.float())  # [T, E]
-        bias = getattr(gate, "e_score_correction_bias", None)
-        idx, w = route(self.spec, logits, bias)  # [T, k] ids and gate weights
         g = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # [T, k] renormalised top-k gates (REAP)
         p = logits.double().softmax(dim=-1)  # [T, E] full-softmax probabilities (MoP Eq. 2)
-        shared = self.family.shared_output(moe, x)
         base = -z.float() if shared is None else shared.float() - z.float()  # [T, H]: E_e(x) − Z = c·f_e + base
         c = single_expert_weight(self.spec, logits)  # [T, E]
 
@@ -70,7 +102,7 @@ class MoEObserver:
         norms = torch.empty(T, E, dtype=torch.float32, device=dev)
         err = torch.empty(T, E, dtype=torch.float32, device=dev)  # per token in float32, summed in float64
         for e in range(E):  # one batched expert evaluation over all T tokens
-            f = expert_forward(moe.experts, x, e).float()  # [T, H]
+            f = (outputs[e] if outputs is not None else expert_forward(moe.experts, x, e)).float()  # [T, H]
             norms[:, e] = torch.linalg.vector_norm(f, dim=-1)
             err[:, e] = torch.addcmul(base, c[:, e, None], f).square().sum(dim=-1)  # MoP Eq. 5: ‖E_e(x) − Z‖²
 
