@@ -257,7 +257,8 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
             w["load"] = {k: round(v, 3) for k, v in times.items()}
             if times.get("read_s"):
                 log(f"observe: stage {st.index} loaded layers {st.layers[0]}-{st.layers[-1]} in {times['total_s']:.1f}s "
-                    f"(reads {times['read_s']:.1f}s, {st.weight_bytes / 1e9 / times['read_s']:.2f} GB/s; "
+                    f"(reads {times['read_s']:.1f}s, {st.weight_bytes / 1e9 / times['read_s']:.2f} GB/s, "
+                    f"{times.get('prefetched_gb', 0):.1f} GB of them read ahead into the page cache; "
                     f"imports {times['config_s']:.1f}s; builds and copies {times['build_s']:.1f}s)")
         finished = True
     except ray.exceptions.RayTaskError as e:

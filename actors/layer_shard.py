@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mop_ray.arch.layer import build_layer, dtype_named, hf_config, layer_state_dict, rotary_embedding
+from mop_ray.checkpoint.prefetch import Prefetcher
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.observe.observer import MoEObserver
 from mop_ray.observe.records import SampleWriter, layer_dir, write_stats
@@ -85,6 +86,7 @@ class LayerShardWorker:
         times, ids = self.load_times, self.layer_ids
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        prefetch = Prefetcher(self.ckpt, ids)  # the next layers into the page cache while transformers imports
         try:
             embed = reader.submit(self._read_embedding) if first_stage else None
             ahead = reader.submit(self._read, ids[0]) if ids else None
@@ -106,6 +108,7 @@ class LayerShardWorker:
                     sd = ahead.result()
                     times["read_wait_s"] += time.perf_counter() - t
                     ahead = reader.submit(self._read, ids[j + 1]) if j + 1 < len(ids) else None
+                    prefetch.loading(j + 1)
                     t = time.perf_counter()
                     layer = build_layer(self.ckpt, i, config=config, device=self.device, dtype=dtype, state_dict=sd)
                     del sd
@@ -122,6 +125,8 @@ class LayerShardWorker:
                 if not f.done():
                     f.set_exception(e)
         finally:
+            prefetch.close()
+            times["prefetched_gb"] = prefetch.read_bytes / 1e9
             reader.shutdown(wait=True, cancel_futures=True)
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
