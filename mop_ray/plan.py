@@ -5,7 +5,8 @@ stages are balanced by the bytes of their tensors, not by layer count: the split
 stage (exact, by binary search over the bottleneck with a greedy feasibility check). Bytes are resident
 bytes: FP8 block-quantised weights count twice their file size, since stages dequantize them to bf16 for
 calibration. The first stage also holds the token embedding. The memory estimate adds the all-experts
-working set of one micro-batch and the hidden states of one wave (micro-batches a stage takes layer by layer).
+working set of one micro-batch (every expert's output at once when the observer keeps them) and the hidden
+states of one wave (micro-batches a stage takes layer by layer).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.errors import MopError
+
+OUTPUTS_BUDGET = 1 << 30  # bytes of expert outputs the observer may hold at once (all E on one micro-batch)
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,10 @@ def plan_stages(ckpt: Checkpoint, n_stages: int, *, micro_batch_tokens: int = 81
     costs = [ckpt.resident_layer_bytes.get(i, 0) for i in layers]
     costs[0] += embed
     hidden = int(ckpt.config.get("hidden_size", 0))
-    # per micro-batch: hidden states in/out + one expert's output at a time + [T, E] routing tensors
+    # per micro-batch: hidden states in/out + one expert's output at a time + [T, E] routing tensors, and every
+    # expert's output at once where the observer computes the block's output from them (up to its budget)
     activation = micro_batch_tokens * (4 * hidden + 8 * ckpt.num_experts) * act_bytes
+    activation += min(ckpt.num_experts * micro_batch_tokens * hidden * act_bytes, OUTPUTS_BUDGET)
     activation += wave_tokens * hidden * act_bytes  # the wave's hidden states, resident between its layers
     stages = []
     for s, run in enumerate(_split(costs, n_stages)):

@@ -234,7 +234,7 @@ def test_observer_forward_equals_the_stock_block_and_its_statistics(tiny_models,
     stock transformers block's output and the same statistics and sample as observing that output; with an
     output budget too small for the micro-batch the stage runs the block itself (``fits`` is False)."""
     from mop_ray.arch.layer import build_layer
-    from mop_ray.observe import observer as observer_mod
+    from mop_ray import plan
     from mop_ray.observe.observer import MoEObserver
 
     ckpt = Checkpoint(tiny_models[family])
@@ -251,9 +251,9 @@ def test_observer_forward_equals_the_stock_block_and_its_statistics(tiny_models,
     for name in STAT_FIELDS:
         assert np.allclose(ours.stats[name], stock.stats[name], rtol=1e-4, atol=1e-6), name
     assert ours.fits(x)
-    budget = observer_mod.OUTPUTS_BUDGET
+    budget = plan.OUTPUTS_BUDGET
     try:
-        observer_mod.OUTPUTS_BUDGET = 0
+        plan.OUTPUTS_BUDGET = 0
         assert not ours.fits(x)
     finally:
-        observer_mod.OUTPUTS_BUDGET = budget
+        plan.OUTPUTS_BUDGET = budget

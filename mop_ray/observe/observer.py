@@ -18,12 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mop_ray import plan
 from mop_ray.arch import Family, RouterSpec, route
 from mop_ray.arch.experts import expert_forward
 from mop_ray.observe.records import STAT_FIELDS, SampleWriter
-
-
-OUTPUTS_BUDGET = 1 << 30  # bytes of expert outputs ``MoEObserver.forward`` may hold at once (all E on one micro-batch)
 
 
 def single_expert_weight(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
@@ -53,8 +51,9 @@ class MoEObserver:
         return {f: v.cpu().numpy() for f, v in self._sums.items()}
 
     def fits(self, x: torch.Tensor) -> bool:
-        """Whether every expert's output on x [T, H] fits ``OUTPUTS_BUDGET`` at once (``forward`` keeps them)."""
-        return self.n_experts * x.shape[0] * x.shape[1] * x.element_size() <= OUTPUTS_BUDGET
+        """Whether every expert's output on x [T, H] fits ``mop_ray.plan.OUTPUTS_BUDGET`` at once (``forward`` keeps
+        them; the stage's memory estimate counts them)."""
+        return self.n_experts * x.shape[0] * x.shape[1] * x.element_size() <= plan.OUTPUTS_BUDGET
 
     @torch.no_grad()
     def forward(self, moe: torch.nn.Module, x: torch.Tensor, source: torch.Tensor, sample: torch.Tensor | None,
