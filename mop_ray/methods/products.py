@@ -220,9 +220,10 @@ def choice_scores(spec: RouterSpec, logits: torch.Tensor, bias: torch.Tensor | N
 
 def selection_bytes(n_tokens: int, n_experts: int, hidden: int, c: int, half_weights: bool) -> int:
     """Device bytes the products of one layer's sample take beside the layer: the Gram [N, c, c], the [N, E]
-    tables (products, candidate positions, router orders) and the sample's x and z [N, H] in float32."""
+    tables (products, candidate positions, router orders, and greedy's trial table: float64 changes and a bool
+    watch mask) and the sample's x and z [N, H] in float32."""
     gram = n_tokens * c * c * (4 if half_weights else 8)
-    return gram + 6 * n_tokens * n_experts * 8 + 2 * n_tokens * hidden * 4
+    return gram + 7 * n_tokens * n_experts * 8 + n_tokens * n_experts + 2 * n_tokens * hidden * 4
 
 
 @torch.no_grad()
