@@ -70,6 +70,27 @@ def test_kmeans_finds_separated_blobs_reproducibly():
     assert torch.equal(labels, kmeans(x, 3, seed=1))
 
 
+def test_kmeans_seeding_picks_what_a_multinomial_per_centre_picks():
+    """The device-side seeding (every centre from pre-drawn exponentials, all inits at once) chooses the centres
+    k-means++ with torch.multinomial on the host per centre chooses, so K-Means labels for a seed are unchanged."""
+    from mop_ray.methods.mosaic import _seed_centers, seeding_draws
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 8, generator=gen) + torch.randn(5, 8, generator=gen).repeat(80, 1) * 4
+    x2 = x.pow(2).sum(-1)
+    for seed, k in ((0, 2), (1, 5), (7, 9)):
+        ref, g = [], torch.Generator().manual_seed(seed)
+        for _ in range(3):  # the reference: one init after another, a host multinomial per centre
+            c = [x[torch.randint(400, (1,), generator=g).item()]]
+            d2 = (x2 - 2 * x @ c[0] + c[0].pow(2).sum()).clamp_min(0)
+            for _ in range(1, k):
+                c.append(x[torch.multinomial(d2 / d2.sum(), 1, generator=g).item()])
+                d2 = torch.minimum(d2, (x2 - 2 * x @ c[-1] + c[-1].pow(2).sum()).clamp_min(0))
+            ref.append(torch.stack(c))
+        got = _seed_centers(x, x2, *seeding_draws(400, k, seed))  # [3, k, H]
+        assert torch.equal(got, torch.stack(ref)), (seed, k)
+
+
 def test_split_general_defaults_and_groups():
     assert split_general(6, None, 1) == 3 and split_general(4, None, 1) == 2 and split_general(5, 1, 1) == 1
     assert split_general(4, None, 2) == 2 and split_general(8, 3, 2) == 4
