@@ -52,6 +52,7 @@ class Prefetcher:
         self.ckpt, self.layers = ckpt, list(layers)
         self.window = default_window() if window is None else window
         self.sizes = [sum(n for _, _, n in layer_ranges(ckpt, i)) for i in self.layers]
+        self._starts = [sum(self.sizes[:j]) for j in range(len(self.sizes) + 1)]  # each layer's offset
         self.read_bytes = 0
         self._at, self._stop = 0, False
         self._cond = threading.Condition()
@@ -74,33 +75,35 @@ class Prefetcher:
     def _allowed(self, j: int, end: int) -> bool:
         """A read of layer j ending ``end`` bytes into the stage's layers may start when the bytes after the layer
         loading, up to ``end``, fit the window (a layer larger than the window is read ahead in part)."""
-        return j <= self._at or end - self._starts[self._at + 1] <= self.window
+        return j <= self._at or end - self._starts[min(self._at + 1, len(self.sizes))] <= self.window
 
     def _run(self) -> None:
-        self._starts = [sum(self.sizes[:j]) for j in range(len(self.sizes) + 1)]  # each layer's offset
         with ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="prefetch-read") as pool:
             for j, i in enumerate(self.layers):
                 if j == 0:  # the loader reads the first layer itself, at once
                     continue
-                pending, end = [], self._starts[j]
-                for path, start, n in layer_ranges(self.ckpt, i):
-                    for s in range(start, start + n, CHUNK):
-                        size = min(CHUNK, start + n - s)
-                        end += size
-                        with self._cond:
-                            while not self._stop and not self._allowed(j, end):
-                                self._cond.wait()
-                            if self._stop or j < self._at:  # stopped, or the loader is past this layer
-                                break
-                        pending.append(pool.submit(_read, (path, s, size)))
-                        if len(pending) >= 2 * THREADS:
-                            self.read_bytes += pending.pop(0).result()
-                    else:
-                        continue
-                    break
+                pending = []
+                for chunk, end in self._chunks(j, i):
+                    with self._cond:
+                        while not self._stop and not self._allowed(j, end):
+                            self._cond.wait()
+                        if self._stop or j < self._at:  # stopped, or the loader is past this layer
+                            break
+                    pending.append(pool.submit(_read, chunk))
+                    if len(pending) >= 2 * THREADS:
+                        self.read_bytes += pending.pop(0).result()
                 self.read_bytes += sum(f.result() for f in pending)
                 if self._stop:
                     return
+
+    def _chunks(self, j: int, i: int):
+        """Layer i's (file, offset, bytes) reads of at most CHUNK, each with where it ends in the stage's bytes."""
+        end = self._starts[j]
+        for path, start, n in layer_ranges(self.ckpt, i):
+            for s in range(start, start + n, CHUNK):
+                size = min(CHUNK, start + n - s)
+                end += size
+                yield (path, s, size), end
 
 
 _SCRATCH = threading.local()

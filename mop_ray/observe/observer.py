@@ -62,7 +62,8 @@ class MoEObserver:
         statistics need anyway, then observed as ``observe`` would: the block's own top-k pass is not run (a
         quarter more expert compute for top-2 of 8). Routing is ``mop_ray.arch.route`` on float32 logits — the
         same decisions the statistics count — and the gated expert outputs and shared term sum in float32, so z
-        may differ from the stock block's by its half-precision rounding."""
+        may differ from the stock block's by its half-precision rounding (and, for a token whose half-precision
+        router logits would order two experts differently, by that choice)."""
         logits, idx, w = self._route(moe, x)
         outputs = [expert_forward(moe.experts, x, e) for e in range(self.n_experts)]  # [T, H] each
         shared = self.family.shared_output(moe, x)
