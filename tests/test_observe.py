@@ -257,3 +257,30 @@ def test_observer_forward_equals_the_stock_block_and_its_statistics(tiny_models,
         assert not ours.fits(x)
     finally:
         plan.OUTPUTS_BUDGET = budget
+
+
+def test_a_stage_records_the_same_whether_the_observer_or_the_block_computes_the_output(tiny_models, tmp_path,
+                                                                                         monkeypatch):
+    """Experts whose outputs exceed the observer's budget leave the block's own forward in place (the stage's
+    other path): both paths record the same sample and statistics (float32 model: up to rounding)."""
+    from actors.layer_shard import LayerShardWorker
+    from mop_ray import plan
+
+    model = tiny_models["deepseek_v3"]
+    ckpt = Checkpoint(model)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    meta = {"source": np.array([0, 1]), "block": np.array([0, 1]), "sample": np.ones((2, 16), bool)}
+    outs = {}
+    for name, budget in (("observer", plan.OUTPUTS_BUDGET), ("block", 0)):
+        monkeypatch.setattr(plan, "OUTPUTS_BUDGET", budget)
+        worker = LayerShardWorker(str(model), list(range(ckpt.num_layers)), str(tmp_path / name), ["code", "math"],
+                                  first_stage=True)
+        worker.forward(0, ids, meta)
+        worker.finish()
+        outs[name] = {i: (read_sample(tmp_path / name, i), read_stats(tmp_path / name, i)) for i in ckpt.moe_layers}
+    for i in ckpt.moe_layers:
+        (sa, ta), (sb, tb) = outs["observer"][i], outs["block"][i]
+        np.testing.assert_allclose(sa.z, sb.z, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sa.x, sb.x, rtol=1e-5, atol=1e-6)
+        for f in STAT_FIELDS:
+            np.testing.assert_allclose(ta.by_source[f], tb.by_source[f], rtol=1e-4, atol=1e-6)
