@@ -315,3 +315,23 @@ def test_trial_table_cuda_graphs_equal_eager_rows():
         assert float((graphed.delta - eager.delta).abs().max()) <= 1e-12 * scale
         assert float((graphed.err - eager.err).abs().max()) <= 1e-12 * scale
     assert len(graphed.graphs.graphs) >= 1
+
+
+def test_trial_table_falls_back_to_eager_steps_when_graph_capture_fails(tiny_models, records):
+    """A torch or driver that refuses the step's CUDA-graph capture costs a warning, not the selection: the step
+    is scored eagerly, with the same rows."""
+    from mop_ray.methods.greedy import TrialTable
+
+    ctx, prods, batch, moe, x, z = setup("deepseek_v3", tiny_models, records)
+    keep = torch.ones(8, dtype=torch.bool)
+    table, eager = TrialTable(prods, batch, keep), TrialTable(prods, batch, keep)
+
+    def refuse(tok):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    table.graphs = refuse
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        table.remove(3)
+    eager.remove(3)
+    assert table.graphs is None
+    assert torch.equal(table.watch, eager.watch) and torch.allclose(table.delta, eager.delta)

@@ -20,6 +20,7 @@ in full. DeepSeek-V3 256 → 128 over 65,536 tokens: 0.4 s on an H200 (RESULTS.m
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -334,12 +335,19 @@ class TrialTable:
                 rows = token_trials(self.prods, t, self.keep, fast=False)
                 err, delta, watch = rows.err, rows.delta, rows.watch
             else:
-                if graphs and self.graphs is not None:
-                    err, delta, watch, bad = self.graphs(t)
-                else:
-                    err, delta, watch, bad = _fast_rows(self.prods, t, self.keep)
+                rows = self._graphed(t) if graphs and self.graphs is not None else None
+                err, delta, watch, bad = rows if rows is not None else _fast_rows(self.prods, t, self.keep)
                 _mend(self.prods, t, self.keep, err, delta, watch, bad)
             self.err[t], self.delta[t], self.watch[t] = err, delta, watch
+
+    def _graphed(self, tok: torch.Tensor):
+        """``_fast_rows`` through the step graphs; None (and eager from then on) if this torch cannot capture it."""
+        try:
+            return self.graphs(tok)
+        except RuntimeError as e:  # a capture this torch/driver refuses: the same rows, launched one by one
+            warnings.warn(f"greedy: CUDA graph capture failed, scoring steps eagerly ({str(e).splitlines()[0]})")
+            self.graphs = None
+            return None
 
     def remove(self, e: int) -> None:
         self.keep[e] = False
