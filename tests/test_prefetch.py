@@ -57,3 +57,21 @@ def test_a_layer_larger_than_the_window_is_read_ahead_in_part(tiny_models, monke
         assert sizes[1] // 2 - 256 * 8 <= pf.read_bytes <= sizes[1] // 2  # the window's worth of layer 1, no more
     finally:
         pf.close()
+
+
+def test_default_window_follows_the_environment_and_the_node(monkeypatch):
+    from mop_ray.checkpoint import prefetch
+
+    monkeypatch.setenv("MOP_RAY_PREFETCH_GB", "0")
+    assert prefetch.default_window() == 0
+    monkeypatch.setenv("MOP_RAY_PREFETCH_GB", "1.5")
+    assert prefetch.default_window() == int(1.5 * 2**30)
+    monkeypatch.delenv("MOP_RAY_PREFETCH_GB")
+    assert 0 < prefetch.default_window() <= 16 << 30  # this machine
+    monkeypatch.setattr(prefetch, "_available", lambda: 64 << 30)
+    monkeypatch.setattr(prefetch, "_gpus_on_node", lambda: 1)
+    assert prefetch.default_window() == 8 << 30
+    monkeypatch.setattr(prefetch, "_gpus_on_node", lambda: 8)  # eight stages share the node's memory
+    assert prefetch.default_window() == 1 << 30
+    monkeypatch.setattr(prefetch, "_available", lambda: 1 << 40)
+    assert prefetch.default_window() == 16 << 30

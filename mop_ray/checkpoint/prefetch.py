@@ -21,15 +21,27 @@ THREADS = 4  # concurrent reads (the read floor in benchmarks/speed.py uses 4 to
 
 def default_window() -> int:
     """Bytes of layers read ahead: ``MOP_RAY_PREFETCH_GB`` if set (0 turns it off), else an eighth of the memory
-    available now, at most 16 GiB."""
+    available now shared by the node's GPUs (one stage each), at most 16 GiB."""
     if "MOP_RAY_PREFETCH_GB" in os.environ:
         return int(float(os.environ["MOP_RAY_PREFETCH_GB"]) * 2**30)
+    return min(16 << 30, _available() // (8 * _gpus_on_node()))
+
+
+def _available() -> int:
+    """MemAvailable in bytes (0 when unknown: no read-ahead)."""
     try:
         with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return 0
-    return min(16 << 30, avail // 8)
+
+
+def _gpus_on_node() -> int:
+    """NVIDIA GPUs of this machine (not only the ones this process sees), 1 when unknown."""
+    try:
+        return max(1, len(os.listdir("/proc/driver/nvidia/gpus")))
+    except OSError:
+        return 1
 
 
 def layer_ranges(ckpt: Checkpoint, i: int) -> list[tuple[str, int, int]]:
