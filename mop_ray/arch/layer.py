@@ -18,6 +18,7 @@ from contextlib import ExitStack
 import torch
 
 from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.checkpoint.safetensors_io import pread_full
 from mop_ray.errors import MopError
 
 
@@ -90,21 +91,12 @@ READ_THREADS = 4
 def read_into(info, dest: torch.Tensor) -> None:
     """Read one tensor's bytes from its safetensors file straight into ``dest`` (contiguous, same dtype and size):
     one kernel copy from the page cache, no mmap faults, no intermediate tensor; releases the GIL."""
-    import os
-
     buf = memoryview(dest.view(-1).view(torch.uint8).numpy())
     if buf.nbytes != info.nbytes:
         raise MopError(f"{info.path}: {info.name} has {info.nbytes} bytes, expected {buf.nbytes}")
-    fd = os.open(info.path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < info.nbytes:
-            got = os.preadv(fd, [buf[done:]], info.start + done)
-            if got <= 0:
-                raise MopError(f"{info.path}: truncated while reading {info.name} ({done} of {info.nbytes} bytes)")
-            done += got
-    finally:
-        os.close(fd)
+    done = pread_full(info.path, buf, info.start)
+    if done != info.nbytes:
+        raise MopError(f"{info.path}: truncated while reading {info.name} ({done} of {info.nbytes} bytes)")
 
 
 def _read_experts_direct(ckpt: Checkpoint, prefix: str, per_expert, by_expert: dict[int, list[str]],

@@ -14,6 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.checkpoint.safetensors_io import pread_full
 
 CHUNK = 16 << 20  # bytes per read
 THREADS = 4  # concurrent reads (the read floor in benchmarks/speed.py uses 4 too)
@@ -127,20 +128,7 @@ def _read(chunk: tuple[str, int, int]) -> int:
     path, start, n = chunk
     if len(getattr(_SCRATCH, "buf", b"")) < n:
         _SCRATCH.buf = bytearray(max(n, CHUNK))
-    buf = _SCRATCH.buf
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return pread_full(path, memoryview(_SCRATCH.buf)[:n], start)
     except OSError:
         return 0
-    try:
-        done = 0
-        while done < n:
-            got = os.preadv(fd, [memoryview(buf)[done:n]], start + done)
-            if got <= 0:
-                break
-            done += got
-        return done
-    except OSError:
-        return 0
-    finally:
-        os.close(fd)

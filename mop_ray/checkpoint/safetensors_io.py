@@ -53,6 +53,22 @@ class TensorInfo:
         return self.start + row * row_bytes, row_bytes
 
 
+def pread_full(path: str | os.PathLike, buf: memoryview, offset: int) -> int:
+    """Read ``buf.nbytes`` bytes of ``path`` from ``offset`` into ``buf`` (positioned reads, no seek; the GIL is
+    released while the kernel copies); -> the bytes read, fewer only at the end of the file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < buf.nbytes:
+            got = os.preadv(fd, [buf[done:]], offset + done)
+            if got <= 0:
+                break
+            done += got
+        return done
+    finally:
+        os.close(fd)
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header without reading tensor data; raise MopError if it is corrupt."""
     path = Path(path)

@@ -137,10 +137,10 @@ def _scores(prods: ExpertProducts, tok: torch.Tensor, keep: torch.Tensor) -> tor
     return logits.masked_fill(~keep, NEG).softmax(-1) if prods.spec.scoring == "softmax" else logits.sigmoid()
 
 
-def _dense_base(prods, tok, scores, cross, quad, keep) -> torch.Tensor:
+def _dense_base(prods, tok, scores, cross, quad) -> torch.Tensor:
     """Errors [P, E] of unchanged routes when e leaves a softmax without renormalisation: weights × 1/(1 − p_e)."""
     s = 1 / (1 - scores.double()).clamp_min(1e-300)
-    return (prods.yy[tok, None] - 2 * s * cross[:, None] + s * s * quad[:, None]).clamp_min(0) * keep
+    return (prods.yy[tok, None] - 2 * s * cross[:, None] + s * s * quad[:, None]).clamp_min(0)
 
 
 _DROPS: dict = {}
@@ -179,7 +179,7 @@ def _fast_rows(prods, tok, keep):
     err = errs[:, k]  # [P] under the kept set
     watch = torch.zeros(n_tokens, n_experts + 1, dtype=torch.bool, device=dev).scatter_(1, spare(nxt), True)
     if _dense(spec):  # every trial changes every token's weights
-        delta = _dense_base(prods, tok, scores, cross[:, k], quad[:, k], keep) - err[:, None]
+        delta = _dense_base(prods, tok, scores, cross[:, k], quad[:, k]) - err[:, None]
         delta = torch.cat([delta.masked_fill(~keep, 0), delta[:, :1]], 1)  # [P, E+1]
         watch[:] = True
     else:
@@ -260,7 +260,7 @@ def _full_rows(prods, tok, keep):
     err = (prods.yy[tok] - 2 * cross + quad).clamp_min(0)  # [P]
     delta = torch.zeros(n_tokens, n_experts, dtype=torch.float64, device=dev)
     if _dense(spec):
-        base = _dense_base(prods, tok, _scores(prods, tok, keep), cross, quad, keep)
+        base = _dense_base(prods, tok, _scores(prods, tok, keep), cross, quad)
         delta = (base - err[:, None]).masked_fill(hit | ~keep, 0)
     p, e = hit.nonzero(as_tuple=True)
     step = max(1, (32 << 20) // n_experts)
@@ -331,12 +331,12 @@ class TrialTable:
     def _score(self, tok: torch.Tensor, graphs: bool = True) -> None:
         for start in range(0, tok.shape[0], CHUNK):
             t = tok[start:start + CHUNK]
-            if not self.fast:
-                rows = token_trials(self.prods, t, self.keep, fast=False)
+            rows = self._graphed(t) if graphs and self.graphs is not None else None  # graphs only when fast
+            if rows is None:
+                rows = token_trials(self.prods, t, self.keep, self.fast)
                 err, delta, watch = rows.err, rows.delta, rows.watch
             else:
-                rows = self._graphed(t) if graphs and self.graphs is not None else None
-                err, delta, watch, bad = rows if rows is not None else _fast_rows(self.prods, t, self.keep)
+                err, delta, watch, bad = rows
                 _mend(self.prods, t, self.keep, err, delta, watch, bad)
             self.err[t], self.delta[t], self.watch[t] = err, delta, watch
 
