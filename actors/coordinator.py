@@ -57,6 +57,7 @@ class PruneJob:
     max_shard_size: str = "5GB"
     dtype: str | None = None
     max_attempts: int = 3
+    select_early: bool = True  # stages select a layer beside the next layers' observation (where memory allows)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -161,6 +162,12 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
     return LiveStages(stages, actors, pg)
 
 
+def stage_file_bytes(ckpt: Checkpoint, stage) -> int:
+    """Bytes a stage reads from the shards: its layers' tensors (FP8 at their file size) and stage 0's embedding."""
+    embed = sum(t.nbytes for n, t in ckpt.tensors.items() if "embed_tokens" in n and ckpt.layer_of(n) is None)
+    return sum(ckpt.layer_bytes.get(i, 0) for i in stage.layers) + (embed if stage.index == 0 else 0)
+
+
 def recorded_layers(manifest: Manifest) -> set[int]:
     return set(map(int, (manifest.done("observe") or {}).get("layers", {})))
 
@@ -231,17 +238,21 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
 
     bar = tqdm(total=ids.size, unit="tok", desc="observe", disable=not job.progress, unit_scale=True)
     try:
-        ray.get([a.begin.remote(sources) for a in actors])  # surfaces a stage that failed to start (a layer it
-        # cannot load surfaces from its loader thread in the first wave, as a MopError)
+        ahead = select_ahead(job, ckpt, keep_stages)
+        # surfaces a stage that failed to start (a layer it cannot load surfaces from its loader thread in the
+        # first wave, as a MopError)
+        ray.get([a.begin.remote(sources, None if ahead is None else ([c for c in ahead[0] if c.layer in st.layers], *ahead[1:]))
+                 for st, a in zip(stages, actors)])
         where = ray.get([a.where.remote() for a in actors])
         starts = list(range(0, len(ids), job.micro_batch))
         mb_bytes = micro_batch_bytes(ckpt, job.micro_batch, job.seq_len, job.dtype)
-        for wave in plan_waves(len(starts), len(actors), mb_bytes, job.waves):
+        waves = plan_waves(len(starts), len(actors), mb_bytes, job.waves)
+        for w, wave in enumerate(waves):
             spans = [(starts[mb], min(starts[mb] + job.micro_batch, len(ids))) for mb in wave]
             metas = [{"source": block_sources[a:b], "block": np.arange(a, b), "sample": mask[a:b]} for a, b in spans]
             ref = [torch.from_numpy(ids[a:b]) for a, b in spans]
             for j, actor in enumerate(actors):  # stage j+1 takes stage j's output (an object ref) directly
-                ref = actor.forward_wave.remote(wave, ref, metas, last=j == len(actors) - 1)
+                ref = actor.forward_wave.remote(wave, ref, metas, last=j == len(actors) - 1, final=w == len(waves) - 1)
             inflight.append((ref, sum(b - a for a, b in spans) * ids.shape[1]))
             while len(inflight) >= job.max_inflight:
                 ready, _ = ray.wait([r for r, _ in inflight], num_returns=1)
@@ -257,7 +268,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
             w["load"] = {k: round(v, 3) for k, v in times.items()}
             if times.get("read_s"):
                 log(f"observe: stage {st.index} loaded layers {st.layers[0]}-{st.layers[-1]} in {times['total_s']:.1f}s "
-                    f"(reads {times['read_s']:.1f}s, {st.weight_bytes / 1e9 / times['read_s']:.2f} GB/s, "
+                    f"(reads {times['read_s']:.1f}s, {stage_file_bytes(ckpt, st) / 1e9 / times['read_s']:.2f} GB/s, "
                     f"{times.get('prefetched_gb', 0):.1f} GB of them read ahead into the page cache; "
                     f"imports {times['config_s']:.1f}s; builds and copies {times['build_s']:.1f}s)")
         finished = True
@@ -286,6 +297,21 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
     return state, (live if keep_stages else None)
 
 
+def select_params(job: PruneJob) -> dict:
+    return {**{k: v for k, v in job.extra.items() if k != "fault_env"},
+            **({"general": job.general} if job.general is not None else {})}
+
+
+def select_ahead(job: PruneJob, ckpt: Checkpoint, keep_stages: bool) -> tuple | None:
+    """(contexts, method, r) for the stages to select each MoE layer as soon as the final wave has passed it,
+    beside the next layers' observation; None when they should not (the method needs no weights, the stages
+    will not be kept, or ``job.select_early`` is off)."""
+    if not (keep_stages and job.select_early and get_method(job.method).needs_weights):
+        return None
+    params = select_params(job)
+    return [layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype) for i in ckpt.moe_layers], job.method, job.keep
+
+
 def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log,
                  live: LiveStages | None = None) -> tuple[dict, dict, dict]:
     """Every MoE layer's kept ids. Methods that recompute experts select inside the ``live`` stage actors, which
@@ -296,8 +322,7 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
         log("select: reusing the keep-map in the manifest")
         return {int(k): v for k, v in done["keep_map"].items()}, done["scores"], done.get("details", {})
     t0 = time.time()
-    params = {**{k: v for k, v in job.extra.items() if k != "fault_env"},
-              **({"general": job.general} if job.general is not None else {})}
+    params = select_params(job)
     method = get_method(job.method)
     gpu = method.needs_weights and int(ray.cluster_resources().get("GPU", 0)) > 0
     opts = {"num_cpus": 0.5, "num_gpus": 1 if gpu else 0}

@@ -5,7 +5,9 @@ runs calibration waves through them: a wave is a few micro-batches taken layer b
 while layer j+1 loads. The first stage owns the token embedding and takes token ids; every stage but the last
 returns the wave's hidden states on the host for the next one. While recording, each MoE block's forward goes
 through an ``MoEObserver`` (statistics over all tokens + the sampled rows), which for few experts also computes
-the block's output from its all-experts pass instead of running the block's own top-k pass.
+the block's output from its all-experts pass instead of running the block's own top-k pass. Given a selection at
+``begin``, a stage also selects each MoE layer's kept experts as soon as the final wave has passed it, in a thread on
+its own CUDA stream, while the next layers observe.
 """
 
 from __future__ import annotations
@@ -63,7 +65,12 @@ class LayerShardWorker:
         self.record = record
         self.sources: list[str] | None = None
         self.observers: dict[int, MoEObserver] = {}
-        self._observed_blocks: list[torch.nn.Module] = []
+        self._observed_blocks: dict[int, torch.nn.Module] = {}  # layer -> MoE block whose forward observes
+        self._closed: dict[int, Future] = {}  # layer -> {"rows", "tokens"} once its records are written
+        self._early: dict[int, Future] = {}  # layer -> its selection result, or None when left for ``select``
+        self._selection: tuple | None = None  # ({layer: LayerContext}, method, r) from ``begin``
+        self._worker: ThreadPoolExecutor | None = None  # closes records and selects, beside the waves
+        self._side: torch.cuda.Stream | None = None  # the worker's CUDA stream
         self._meta: dict | None = None
         self.device = pick_device()
         self._built: list[Future] = [Future() for _ in self.layer_ids]  # -> the decoder layer on the device
@@ -114,7 +121,7 @@ class LayerShardWorker:
                     del sd
                     if i in self.ckpt.moe_layers:
                         layer.mlp.forward = self._observed(i, layer.mlp)  # an instance attribute: undone in finish
-                        self._observed_blocks.append(layer.mlp)
+                        self._observed_blocks[i] = layer.mlp
                     if stream is not None:
                         stream.synchronize()  # on the device before any compute uses it
                     times["build_s"] += time.perf_counter() - t  # build on meta, assign, copy to the device
@@ -131,7 +138,7 @@ class LayerShardWorker:
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
         t = time.perf_counter()
-        sd = layer_state_dict(self.ckpt, i)
+        sd = layer_state_dict(self.ckpt, i, packed_fp8=True)  # block-FP8 experts: dequantized on the device
         self.load_times["read_s"] += time.perf_counter() - t  # in the reader thread, overlapping the builds
         return sd
 
@@ -142,11 +149,18 @@ class LayerShardWorker:
         with safe_open(self.ckpt.tensors[name].path, "pt") as f:
             return f.get_tensor(name)  # [V, H]
 
-    def begin(self, sources: list[str]) -> None:
-        """Observe every MoE layer this stage holds (when recording), with statistics per source."""
+    def begin(self, sources: list[str], select: tuple | None = None) -> None:
+        """Observe every MoE layer this stage holds (when recording), with statistics per source. ``select``:
+        (contexts, method, r) of ``select`` for this stage's layers: each is chosen as soon as the final wave
+        (``forward_wave(final=True)``) has passed its layer, where memory allows (``_room_to_select``)."""
         self.sources = sources
         if not self.record:
             return
+        if select is not None:
+            contexts, method, r = select
+            self._selection = ({ctx.layer: ctx for ctx in contexts}, method, r)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-close")
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         ckpt = self.ckpt
         spec = ckpt.family.router_spec(ckpt.config)
         for i in self.layer_ids:
@@ -183,11 +197,12 @@ class LayerShardWorker:
 
     @torch.no_grad()
     def forward_wave(self, mb_ids: list[int], inputs: list[torch.Tensor], metas: list[dict],
-                     last: bool = False) -> list[torch.Tensor] | None:
+                     last: bool = False, final: bool = False) -> list[torch.Tensor] | None:
         """Run a wave of micro-batches layer by layer (every micro-batch through layer j, then j+1: the wave's
         hidden states stay on the device, and layer j+1 may still be loading while layer j computes).
-        inputs: token ids [B, L] each on the first stage, hidden states [B, L, H] after. -> the wave's hidden
-        states on the host for the next stage, None from the ``last`` stage (nobody needs them)."""
+        inputs: token ids [B, L] each on the first stage, hidden states [B, L, H] after. ``final``: no wave
+        follows, so each MoE layer's records are closed (and its selection started) once the wave has passed it.
+        -> the wave's hidden states on the host for the next stage, None from the ``last`` stage."""
         for mb in mb_ids:
             _fault_injection(self.layer_ids, mb)
         rotary, embed = self._inputs.result()
@@ -205,12 +220,14 @@ class LayerShardWorker:
                                "pos": torch.arange(seq).repeat(bsz),
                                "sample": torch.from_numpy(np.array(meta["sample"], dtype=bool)).reshape(-1)})
         try:
-            for built in self._built:
+            for i, built in zip(self.layer_ids, self._built):
                 layer = built.result()  # waits while this layer is still loading
                 for k in range(len(hs)):
                     self._meta = metas_host[k]
                     out = layer(hs[k], attention_mask=None, position_ids=pos[k], position_embeddings=pes[k])
                     hs[k] = out[0] if isinstance(out, tuple) else out
+                if final and i in self.observers and i in self._observed_blocks:
+                    self._close_early(i)
         finally:
             self._meta = None
         if last:
@@ -227,32 +244,88 @@ class LayerShardWorker:
         self._loader.join()
         return dict(self.load_times)
 
+    def _close_early(self, i: int) -> None:
+        """Layer ``i`` has seen its last micro-batch: unobserve its block (selection may run it) and, in the worker
+        thread on the side stream once the wave's work on the layer is done, write its records and select it."""
+        del self._observed_blocks.pop(i).forward  # the class's forward again
+        done = None
+        if self._side is not None:
+            done = torch.cuda.Event()
+            done.record()  # after the layer's last kernels on this thread's stream
+        self._closed[i] = self._worker.submit(self._on_side, done, self._close_records, i)
+        if self._selection is not None and i in self._selection[0]:
+            self._early[i] = self._worker.submit(self._on_side, done, self._select_early, i)
+
+    def _on_side(self, after: torch.cuda.Event | None, fn, *args):
+        """``fn(*args)`` on the side stream, ordered after the event ``after`` (the observe thread's work)."""
+        if self._side is None:
+            return fn(*args)
+        with torch.cuda.stream(self._side):
+            self._side.wait_event(after)
+            return fn(*args)
+
+    def _close_records(self, i: int) -> dict:
+        """Close layer ``i``'s sample file and write its statistics; -> {"rows", "tokens"}."""
+        obs = self.observers[i]
+        rows = obs.sample_writer.rows
+        obs.sample_writer.close()
+        write_stats(layer_dir(self.run_dir, i), self.sources, obs.tokens, obs.stats)  # obs.stats: to the host once
+        return {"rows": rows, "tokens": int(obs.tokens.sum())}
+
     def finish(self) -> dict[int, dict]:
-        """Close the sample files and write the statistics; -> {layer: {"rows", "tokens"}}."""
+        """Close the sample files and write the statistics of layers no final wave closed; wait for the others.
+        -> {layer: {"rows", "tokens"}}."""
         self._loader.join()
-        for moe in self._observed_blocks:  # the blocks may be used for selection next (``select``), unobserved
-            del moe.forward  # the class's forward again
-        self._observed_blocks.clear()
-        done = {}
-        for i, obs in self.observers.items():  # obs.stats: the device's sums, brought to the host once
-            rows = obs.sample_writer.rows
-            obs.sample_writer.close()
-            write_stats(layer_dir(self.run_dir, i), self.sources, obs.tokens, obs.stats)
-            done[i] = {"rows": rows, "tokens": int(obs.tokens.sum())}
-        return done
+        for i in list(self._observed_blocks):  # the blocks may be used for selection next (``select``), unobserved
+            del self._observed_blocks.pop(i).forward
+        return {i: self._closed[i].result() if i in self._closed else self._close_records(i) for i in self.observers}
 
     def select(self, contexts: list, method: str, r: int) -> list:
         """``actors.tasks.select_layer`` for MoE layers this stage holds, with the weights it already has in
-        memory (no second read of the layer); call after ``finish``. -> one result per context."""
-        return [self._select_one(ctx, method, r) for ctx in contexts]
+        memory (no second read of the layer); call after ``finish``. Layers selected beside the waves (``begin``'s
+        ``select``) return that result. -> one result per context."""
+        early = {}
+        for ctx in contexts:  # all early ones first: one selection at a time on the device
+            f = self._early.pop(ctx.layer, None)
+            early[ctx.layer] = f.result() if f is not None else None
+        return [early[ctx.layer] or self._select_one(ctx, method, r) for ctx in contexts]
 
-    def _select_one(self, ctx, method: str, r: int):
+    def _select_early(self, i: int):
+        """Layer ``i``'s selection beside the waves, or None (left for ``select``) when the device lacks room."""
+        ctxs, method, r = self._selection
+        if not self._room_to_select(i):
+            return None
+        try:
+            return self._select_one(ctxs[i], method, r, clear_cache=False)
+        except torch.cuda.OutOfMemoryError:  # the waves took more than estimated: select after them instead
+            torch.cuda.empty_cache()
+            return None
+
+    def _room_to_select(self, i: int) -> bool:
+        """Whether layer ``i``'s selection fits beside the layers still to load and the waves' working set: the
+        device's free and cached bytes less those layers must hold twice the selection's estimate
+        (``mop_ray.methods.products.selection_bytes``, and the expert-output chunks it sizes from free memory)."""
+        if self.device.type != "cuda":
+            return True
+        from mop_ray.methods.products import candidate_count, selection_bytes
+
+        ckpt = self.ckpt
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        loading = sum(ckpt.resident_layer_bytes.get(j, 0) for j, f in zip(self.layer_ids, self._built) if not f.done())
+        c = candidate_count(ckpt.family.router_spec(ckpt.config), ckpt.num_experts, 1)
+        block = self._built[self.layer_ids.index(i)].result().mlp
+        need = selection_bytes(self.observers[i].sample_writer.rows, ckpt.num_experts, int(ckpt.config["hidden_size"]),
+                               c, block.experts.gate_up_proj.element_size() == 2) + (2 << 30)
+        return free - loading >= 2 * need
+
+    def _select_one(self, ctx, method: str, r: int, clear_cache: bool = True):
         from actors.tasks import select_layer
 
         _fault_injection([ctx.layer], "select")
         block = self._built[self.layer_ids.index(ctx.layer)].result().mlp
         out = select_layer(self.run_dir, ctx, method, r, block=block)
-        if self.device.type == "cuda":
+        if clear_cache and self.device.type == "cuda":
             torch.cuda.empty_cache()  # the next layer's products start from a clean pool
         return out
 

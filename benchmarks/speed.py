@@ -419,25 +419,29 @@ def make_bench_shard(base):
         def _select_one(self, ctx, *args, **kwargs):  # selection inside the stage, with the weights it holds
             parent = super()._select_one
             return _timed_select(self.run_dir, ctx.layer, {"in": "stage", "load_s": 0.0},
-                                 lambda: parent(ctx, *args, **kwargs))
+                                 lambda: parent(ctx, *args, **kwargs), shared=True)
 
     BenchShard.__name__ = BenchShard.__qualname__ = "BenchShard"
     return BenchShard
 
 
-def _timed_select(run_dir, layer: int, info: dict, call):
+def _timed_select(run_dir, layer: int, info: dict, call, shared: bool = False):
     """``call()`` (one layer's selection) GPU-synchronised; writes ``select-NNN.json``: ``info`` plus the seconds,
-    the peak GPU memory and the process's VmHWM."""
+    the peak GPU memory and the process's VmHWM. ``shared``: a stage's selection, maybe beside its waves on
+    another stream: only the calling thread's stream is synchronised and the peak is the process's so far."""
     import torch
 
     cuda = torch.cuda.is_available()
+    sync = (lambda: torch.cuda.current_stream().synchronize()) if shared else torch.cuda.synchronize
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        sync()
+        if not shared:
+            torch.cuda.reset_peak_memory_stats()
+    info["start_unix"] = time.time()
     t0 = time.perf_counter()
     out = call()
     if cuda:
-        torch.cuda.synchronize()
+        sync()
     info.update({"layer": layer, "seconds": time.perf_counter() - t0, "vm_hwm_bytes": _vm_hwm(), "pid": os.getpid(),
                  "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None})
     _bench_write(run_dir, f"select-{layer:03d}.json", info)
@@ -645,7 +649,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     job = PruneJob(model=str(ckpt.path), out=str(out), method=args.method, keep=args.keep, general=args.general,
                    calib=args.calib, tokens=args.tokens, seq_len=args.seq_len, sample=args.sample, seed=args.seed,
                    run_dir=str(run_dir), stages=stages, micro_batch=args.micro_batch, waves=args.waves, max_shard_size=args.max_shard_size,
-                   dtype=args.dtype, overwrite=True, progress=args.progress)
+                   dtype=args.dtype, overwrite=True, progress=args.progress, select_early=not args.select_after_observe)
     host, gpu = HostMemory(args.poll), GpuMemory(args.poll)
     host.start()
     gpu.start()
@@ -713,8 +717,12 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     accounted = sum(p["seconds"] for p in top)
     floor_sum = sum(p["floor_s"] for p in top)
     phases.append({"phase": "verify + driver overhead", "seconds": round(wall - accounted, 2)})
+    # the stricter whole-job floor: the largest of all compute, all reads and all writes (phases may overlap)
+    floor_max = max(sum(p[k] or 0.0 for p in top) for k in ("compute_floor_s", "read_floor_s", "write_floor_s"))
     phases.append({"phase": "total", "seconds": round(wall, 2), "floor_s": round(floor_sum, 4),
-                   "time_over_floor": round(wall / floor_sum, 2) if floor_sum > 0 else None})
+                   "time_over_floor": round(wall / floor_sum, 2) if floor_sum > 0 else None,
+                   "floor_max_s": round(floor_max, 4),
+                   "time_over_floor_max": round(wall / floor_max, 2) if floor_max > 0 else None})
 
     cuda_peaks = [v["cuda_peak_bytes"] for v in stage_info + select_info if v.get("cuda_peak_bytes")]
     result = {
@@ -806,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", help="where pruned outputs and run dirs go (default: <model>.speed)")
     ap.add_argument("--out-json")
     ap.add_argument("--enu-compare", action="store_true")
+    ap.add_argument("--select-after-observe", action="store_true",
+                    help="stages select every layer after observe (PruneJob.select_early=False), not beside it")
     ap.add_argument("--matmul-size", type=int, help="n of the n x n x n floor matmul (default 8192 on GPU, 1024 on CPU)")
     ap.add_argument("--read-floor-gb", type=float, default=8.0, help="read at most this much for the read floor (0: all)")
     ap.add_argument("--read-threads", type=int, default=4)

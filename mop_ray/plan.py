@@ -5,8 +5,9 @@ stages are balanced by the bytes of their tensors, not by layer count: the split
 stage (exact, by binary search over the bottleneck with a greedy feasibility check). Bytes are resident
 bytes: FP8 block-quantised weights count twice their file size, since stages dequantize them to bf16 for
 calibration. The first stage also holds the token embedding. The memory estimate adds the all-experts
-working set of one micro-batch (every expert's output at once when the observer keeps them) and the hidden
-states of one wave (micro-batches a stage takes layer by layer).
+working set of one micro-batch (every expert's output at once when the observer keeps them), the hidden
+states of one wave (micro-batches a stage takes layer by layer) and, for FP8, the float8 copy of the largest
+layer's weights while it is dequantized on the device.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ class Stage:
     layers: tuple[int, ...]
     weight_bytes: int
     activation_bytes: int
+    transient_bytes: int = 0  # FP8: the float8 copy of its largest layer while it is dequantized on the device
 
     @property
     def memory_bytes(self) -> int:
-        return self.weight_bytes + self.activation_bytes
+        return self.weight_bytes + self.activation_bytes + self.transient_bytes
 
     def to_dict(self) -> dict:
         return {**asdict(self), "layers": list(self.layers), "memory_bytes": self.memory_bytes}
@@ -118,9 +120,12 @@ def plan_stages(ckpt: Checkpoint, n_stages: int, *, micro_batch_tokens: int = 81
     activation = micro_batch_tokens * (4 * hidden + 8 * ckpt.num_experts) * act_bytes
     activation += min(ckpt.num_experts * micro_batch_tokens * hidden * act_bytes, OUTPUTS_BUDGET)
     activation += wave_tokens * hidden * act_bytes  # the wave's hidden states, resident between its layers
+    # FP8 bytes of a layer: resident (dequantized, 2 bytes) less file bytes (1 byte + scales), to within its scales
+    fp8 = [max(ckpt.resident_layer_bytes.get(i, 0) - ckpt.layer_bytes.get(i, 0), 0) for i in layers]
     stages = []
     for s, run in enumerate(_split(costs, n_stages)):
-        stages.append(Stage(s, tuple(layers[i] for i in run), sum(costs[i] for i in run), activation))
+        stages.append(Stage(s, tuple(layers[i] for i in run), sum(costs[i] for i in run), activation,
+                            max(fp8[i] for i in run)))
     return stages
 
 

@@ -284,16 +284,14 @@ def test_trial_table_rescoring_only_watched_tokens_equals_full_rescoring(router)
         assert table.rescored < steps * n_tokens * 0.7
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_trial_table_cuda_graphs_equal_eager_rows():
-    """On a GPU the table rescores through captured CUDA graphs (padded token counts): the same rows as eager."""
+def _gpu_case(seed: int):
+    """Products of 64 experts in DeepSeek-V3-style group routing over 3,000 tokens on the GPU -> (prods, batch, keep)."""
     from mop_ray.arch import RouterSpec
-    from mop_ray.methods.greedy import TrialTable
     from mop_ray.methods.products import expert_products
 
     spec = RouterSpec(top_k=4, scoring="sigmoid", norm_topk_prob=True, n_group=8, topk_group=4,
                       group_score="top2_sum", routed_scaling_factor=2.5, has_correction_bias=True)
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator().manual_seed(seed)
     n, hidden, n_tokens = 64, 16, 3000
     moe = torch.nn.Module()
     moe.experts, moe.gate = _Experts(n, hidden, 8, gen), _Gate(n, hidden, gen)
@@ -303,7 +301,15 @@ def test_trial_table_cuda_graphs_equal_eager_rows():
     moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.cuda()
     prods = expert_products(moe, _NoShared(), spec, x.cuda(), z.cuda(), logits.cuda(), min_kept=16, max_candidates=16)
     batch = (torch.arange(n_tokens) * 4 // n_tokens).cuda()
-    keep = torch.ones(n, dtype=torch.bool, device="cuda")
+    return prods, batch, torch.ones(n, dtype=torch.bool, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_trial_table_cuda_graphs_equal_eager_rows():
+    """On a GPU the table rescores through captured CUDA graphs (padded token counts): the same rows as eager."""
+    from mop_ray.methods.greedy import TrialTable
+
+    prods, batch, keep = _gpu_case(2)
     graphed, eager = TrialTable(prods, batch, keep), TrialTable(prods, batch, keep)
     eager.graphs = None
     assert graphed.graphs is not None
@@ -315,6 +321,62 @@ def test_trial_table_cuda_graphs_equal_eager_rows():
         assert float((graphed.delta - eager.delta).abs().max()) <= 1e-12 * scale
         assert float((graphed.err - eager.err).abs().max()) <= 1e-12 * scale
     assert len(graphed.graphs.graphs) >= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_trial_table_captures_in_a_thread_while_another_computes_and_copies():
+    """A stage selects a layer (capturing greedy's graphs on its worker's stream) while its observe thread runs
+    matmuls, allocates and copies to pinned memory: both finish, and the graphed rows equal eager rows."""
+    import threading
+
+    from mop_ray.methods.greedy import TrialTable
+
+    prods, batch, keep = _gpu_case(3)
+    eager = TrialTable(prods, batch, keep)
+    eager.graphs = None
+    removed = (3, 17, 40, 41, 9, 60, 33)
+    for e in removed:
+        eager.remove(e)
+    stop, errors, out = threading.Event(), [], {}
+
+    def observe_like():  # the observe thread's kinds of work on the default stream
+        try:
+            a = torch.randn(2048, 2048, device="cuda")
+            while not stop.is_set():
+                b = (a @ a).relu_()
+                host = torch.empty(b.shape, pin_memory=True).copy_(b, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                done.synchronize()
+                out["sum"] = float(host[0, 0])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def select_like():
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                table = TrialTable(prods, batch, keep)
+                for e in removed:
+                    table.remove(e)
+                torch.cuda.current_stream().synchronize()
+            out["table"] = table
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    busy = threading.Thread(target=observe_like)
+    busy.start()
+    sel = threading.Thread(target=select_like)
+    sel.start()
+    sel.join(120)
+    stop.set()
+    busy.join(120)
+    assert not errors, errors
+    table = out["table"]
+    assert table.graphs is not None and len(table.graphs.graphs) >= 1
+    assert torch.equal(table.watch, eager.watch)
+    scale = float(eager.err.abs().max())
+    assert float((table.delta - eager.delta).abs().max()) <= 1e-12 * scale
+    assert "sum" in out
 
 
 def test_trial_table_falls_back_to_eager_steps_when_graph_capture_fails(tiny_models, records):

@@ -43,7 +43,7 @@ def test_stage_and_writer_crashes_are_survived(tiny_models, tmp_path, ray_local)
 
 def test_a_stage_lost_while_selecting_hands_its_layers_to_tasks(tiny_models, tmp_path, ray_local):
     model = tiny_models["deepseek_v3"]
-    kw = dict(stages=2, method="mop")
+    kw = dict(stages=2, method="mop", select_early=False)  # the stages select after observe
     calm = run(small_job(model, tmp_path / "calm", **kw), log=lambda *_: None)
     logs = []
     env = {"MOP_RAY_FAULT_EXIT": f"2:select:{tmp_path / 'select.marker'}"}  # the stage selecting layer 2 dies
@@ -53,6 +53,24 @@ def test_a_stage_lost_while_selecting_hands_its_layers_to_tasks(tiny_models, tmp
     phases = json.loads((tmp_path / "hit.run" / "manifest.json").read_text())["phases"]
     assert phases["select"]["in"] == "tasks"
     assert json.loads((tmp_path / "calm.run" / "manifest.json").read_text())["phases"]["select"]["in"] == "stages"
+    assert hit["keep_map"] == calm["keep_map"]
+    assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "hit")
+
+
+def test_a_stage_lost_while_selecting_beside_observe(tiny_models, tmp_path, ray_local):
+    """Stage 0 (layers 0-1) selects layer 1 in its worker thread once the final wave has passed it, while stage 1
+    still observes layer 2, and dies there. Depending on when the process goes, observe restarts with fresh
+    stages or the select phase hands the stage's layers to tasks; either way the output equals an undisturbed run."""
+    model = tiny_models["deepseek_v3"]
+    kw = dict(stages=2, method="mop")
+    calm = run(small_job(model, tmp_path / "calm", **kw), log=lambda *_: None)
+    phases = json.loads((tmp_path / "calm.run" / "manifest.json").read_text())["phases"]
+    assert phases["select"]["in"] == "stages"
+    logs = []
+    env = {"MOP_RAY_FAULT_EXIT": f"1:select:{tmp_path / 'select.marker'}"}
+    hit = run(small_job(model, tmp_path / "hit", extra={"fault_env": env}, **kw), log=logs.append)
+    assert (tmp_path / "select.marker").exists()
+    assert any("restarting the phase" in line or "selecting in tasks instead" in line for line in logs), logs
     assert hit["keep_map"] == calm["keep_map"]
     assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "hit")
 

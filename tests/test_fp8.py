@@ -17,11 +17,9 @@ from mop_ray.prune import prune
 from conftest import small_job
 
 
-@pytest.fixture
-def fp8_model(tiny_models, tmp_path):
-    """The tiny DeepSeek-V3 with routed-expert weights in float8_e4m3fn plus 128x128-block weight_scale_inv."""
-    src = tiny_models["deepseek_v3"]
-    dst = tmp_path / "fp8"
+def fp8_copy(src, dst, block=(128, 128)):
+    """``src`` (the tiny DeepSeek-V3) with routed-expert weights in float8_e4m3fn plus a weight_scale_inv per
+    ``block`` (the last row and column blocks partial where the widths do not divide)."""
     dst.mkdir()
     index = json.loads((src / "model.safetensors.index.json").read_text())
     new_map = {}
@@ -29,9 +27,14 @@ def fp8_model(tiny_models, tmp_path):
         tensors = load_file(src / shard)
         out = {}
         for name, t in tensors.items():
-            if ".experts." in name and name.endswith(".weight"):  # one 128x128 block at this size
-                scale = t.abs().max().float().reshape(1, 1) / 448.0  # e4m3's largest finite value
-                out[name] = (t.float() / scale).to(torch.float8_e4m3fn)
+            if ".experts." in name and name.endswith(".weight"):
+                rows, cols = -(-t.shape[0] // block[0]), -(-t.shape[1] // block[1])
+                scale = torch.empty(rows, cols)
+                for i in range(rows):
+                    for j in range(cols):  # e4m3's largest finite value is 448
+                        scale[i, j] = t[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]].abs().max() / 448.0
+                full = scale.repeat_interleave(block[0], 0)[:t.shape[0]].repeat_interleave(block[1], 1)[:, :t.shape[1]]
+                out[name] = (t.float() / full).to(torch.float8_e4m3fn)
                 out[name[: -len("weight")] + "weight_scale_inv"] = scale
             else:
                 out[name] = t
@@ -40,11 +43,17 @@ def fp8_model(tiny_models, tmp_path):
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": new_map}))
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128]}
+                                  "weight_block_size": list(block)}
     (dst / "config.json").write_text(json.dumps(cfg))
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (dst / f).write_bytes((src / f).read_bytes())
     return dst
+
+
+@pytest.fixture
+def fp8_model(tiny_models, tmp_path):
+    """The tiny DeepSeek-V3 with block-FP8 routed experts (one 128x128 block per weight at this size)."""
+    return fp8_copy(tiny_models["deepseek_v3"], tmp_path / "fp8")
 
 
 def test_fp8_experts_and_scales_are_copied_verbatim(fp8_model, tmp_path):
@@ -100,6 +109,23 @@ def test_fp8_layers_are_dequantized_for_calibration(fp8_model, tiny_models):
     assert 0 < rel < 0.05  # e4m3 keeps ~3 mantissa bits
 
 
+def test_fp8_experts_dequantized_where_they_compute_equal_dequantizing_each_on_the_host(tiny_models, tmp_path):
+    """A stage moves block-FP8 experts as float8 and dequantizes them on its device, fused (``PACKED_FP8``):
+    bit for bit the per-expert host dequantization, with several blocks per weight, partial ones included."""
+    from mop_ray.arch.layer import PACKED_FP8, build_layer, layer_state_dict
+
+    ckpt = Checkpoint(fp8_copy(tiny_models["deepseek_v3"], tmp_path / "fp8", block=(8, 12)))
+    for layer in ckpt.moe_layers:
+        host = layer_state_dict(ckpt, layer)  # per expert: read, dequantize_fp8, stack
+        packed = layer_state_dict(ckpt, layer, packed_fp8=True)
+        w, scale_inv, rows, cols, dtype = packed[PACKED_FP8]["mlp.experts.down_proj"]
+        assert w.dtype == torch.float8_e4m3fn and scale_inv.shape[1:] == (-(-w.shape[1] // 8), -(-w.shape[2] // 12))
+        assert "mlp.experts.down_proj" not in packed
+        moe = build_layer(ckpt, layer).mlp  # the packed path
+        for name in ("gate_up_proj", "down_proj"):
+            assert torch.equal(getattr(moe.experts, name).detach(), host[f"mlp.experts.{name}"])
+
+
 def test_pruning_an_fp8_model_with_calibration_keeps_fp8_experts(fp8_model, tmp_path, ray_local):
     from actors.coordinator import run
 
@@ -122,4 +148,12 @@ def test_plan_counts_fp8_weights_at_their_dequantized_size(fp8_model, tiny_model
     expert_elems = sum(t.nbytes // 4 for n, t in ref.layer_tensors(1).items() if ".experts." in n)
     assert fp8.layer_bytes[1] < fp8.resident_layer_bytes[1] == ref.layer_bytes[1] - 2 * expert_elems  # 4 -> 2 bytes
     decoder = sum(fp8.resident_layer_bytes[i] for i in range(fp8.num_layers))  # not the MTP layer
-    assert sum(s.weight_bytes for s in plan_stages(fp8, 2)) == decoder + fp8.tensors["model.embed_tokens.weight"].nbytes
+    stages = plan_stages(fp8, 2)
+    assert sum(s.weight_bytes for s in stages) == decoder + fp8.tensors["model.embed_tokens.weight"].nbytes
+    # the float8 copy of a stage's largest FP8 layer while that layer is dequantized on the device (less its scales)
+    fp8_bytes = {i: sum(t.nbytes if t.dtype == "F8_E4M3" else -t.nbytes for n, t in fp8.layer_tensors(i).items()
+                        if t.dtype == "F8_E4M3" or n.endswith("weight_scale_inv")) for i in fp8.moe_layers}
+    assert min(fp8_bytes.values()) > 0
+    for st in stages:
+        assert st.transient_bytes == max(fp8_bytes.get(i, 0) for i in st.layers)
+        assert st.memory_bytes == st.weight_bytes + st.activation_bytes + st.transient_bytes

@@ -229,6 +229,56 @@ def test_a_stage_computes_its_first_layer_while_the_next_still_loads(tiny_models
     worker.finish()
 
 
+@pytest.mark.parametrize("family,params", [("mixtral", {}), ("deepseek_v3", {"enu_max_sets": 1})])
+def test_a_stage_selects_a_layer_once_the_final_wave_has_passed_it(tiny_models, tmp_path, family, params):
+    """Given a selection at ``begin``, the final wave closes the first MoE layer's records and selects it in the
+    stage's worker thread while the last layer is still held loading; ``select`` returns that result, which
+    equals a selection made after the whole observation (the stage's other path). ``enu_max_sets`` 1: MoP's
+    general experts by greedy elimination (CUDA graphs on a GPU, captured in the worker thread)."""
+    import threading
+
+    from actors.layer_shard import LayerShardWorker
+    from mop_ray.prune import layer_context
+
+    model = tiny_models[family]
+    ckpt = Checkpoint(model)
+    layers, first, held = list(range(ckpt.num_layers)), ckpt.moe_layers[0], ckpt.moe_layers[-1]
+    ctxs = [layer_context(ckpt, i, 0, params=params) for i in ckpt.moe_layers]
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 100, (2, 32), generator=gen) for _ in range(3)]
+    metas = [{"source": np.array([k % 2, 1]), "block": np.array([2 * k, 2 * k + 1]), "sample": np.ones((2, 32), bool)}
+             for k in range(3)]
+    release = threading.Event()
+
+    class Held(LayerShardWorker):
+        def _read(self, i):
+            if i == held:
+                assert release.wait(60)
+            return super()._read(i)
+
+    early = Held(str(model), layers, str(tmp_path / "early"), None, first_stage=True)
+    early.begin(["code", "math"], select=(ctxs, "mop", 4))
+    t = threading.Thread(target=early.forward_wave, args=([0, 1, 2], ids, metas), kwargs={"last": True, "final": True})
+    t.start()
+    deadline = time.time() + 120
+    while first not in early._early and time.time() < deadline:  # the wave has passed the layer: selection starts
+        time.sleep(0.05)
+    picked = early._early[first].result(120)  # selected while the last layer is still held
+    assert picked is not None and picked[0] == first and len(picked[1]) == 4 and t.is_alive()
+    release.set()
+    t.join(120)
+    assert set(early.finish()) == set(ckpt.moe_layers)
+    got = early.select(ctxs, "mop", 4)
+
+    late = LayerShardWorker(str(model), layers, str(tmp_path / "late"), ["code", "math"], first_stage=True)
+    late.forward_wave([0, 1, 2], ids, metas, last=True)
+    late.finish()
+    want = late.select(ctxs, "mop", 4)
+    assert [(a[0], a[1]) for a in got] == [(b[0], b[1]) for b in want]
+    np.testing.assert_allclose([a[2] for a in got], [b[2] for b in want], rtol=1e-9)
+    assert got[0] == picked
+
+
 def test_observer_forward_equals_the_stock_block_and_its_statistics(tiny_models, family):
     """``MoEObserver.forward`` (the block's output from the all-experts pass, no top-k pass of its own) gives the
     stock transformers block's output and the same statistics and sample as observing that output; with an

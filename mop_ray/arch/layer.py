@@ -55,7 +55,22 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     return (weight.float() * scale).to(dtype)
 
 
+def dequantize_experts(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       dtype: torch.dtype, chunk: int = 8) -> torch.Tensor:
+    """Fused block-FP8 experts weight [E, R, C] times their scales [E, Rs, Cs] on the weight's device, ``chunk``
+    experts at a time; ``rows`` [R] / ``cols`` [C] name each row's / column's scale block. The same products as
+    ``dequantize_fp8`` per expert (bit for bit)."""
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)  # [E, R, C]
+    rows, cols = rows.to(weight.device), cols.to(weight.device)
+    for a in range(0, weight.shape[0], chunk):
+        scale = scale_inv[a:a + chunk].float().index_select(1, rows).index_select(2, cols)  # [e, R, C]
+        out[a:a + chunk] = (weight[a:a + chunk].float() * scale).to(dtype)
+    return out
+
+
 COMPUTE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn}
+PACKED_FP8 = "fp8 experts"  # layer_state_dict(packed_fp8=True): {param: (fp8 [E, R, C], scale_inv [E, Rs, Cs], rows, cols, dtype)}
 
 
 def compute_dtype(ckpt: Checkpoint, names: list[str]) -> torch.dtype:
@@ -100,47 +115,75 @@ def read_into(info, dest: torch.Tensor) -> None:
 
 
 def _read_experts_direct(ckpt: Checkpoint, prefix: str, per_expert, by_expert: dict[int, list[str]],
-                         projs: tuple[str, str, str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+                         projs: tuple[str, str, str], fp8: bool = False) -> tuple | None:
     """Fused gate_up [E, 2I, H] and down [E, H, I] read by ``READ_THREADS`` threads, each projection's bytes
-    straight into its slice; None when the experts are not plain same-dtype tensors (FP8: the stacking path)."""
+    straight into its slice, and None; or with ``fp8``, for block-FP8 experts, those fused float8 weights and
+    their fused scales [E, 2·ceil(I/b0), ceil(H/b1)] and [E, ceil(H/b0), ceil(I/b1)], to be dequantized where
+    they compute (``dequantize_experts``). None when the experts are not same-dtype tensors of these shapes
+    (the stacking path then reads them one by one, or names the problem)."""
     gate_n, up_n, down_n = projs
     infos: dict[int, dict[str, object]] = {}
+    scaled = False
     for e, names in by_expert.items():
         got = {}
         for name in names:
             m = per_expert.match(name[len(prefix):])
             if m.group(3):  # a weight_scale_inv: block-FP8
-                return None
-            got[m.group(2)] = ckpt.tensors[name]
+                if not fp8:
+                    return None
+                scaled = True
+            got[m.group(2) + (m.group(3) or "")] = ckpt.tensors[name]
         infos[e] = got
     first = infos[0]
-    dtypes = {t.dtype for got in infos.values() for t in got.values()}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in COMPUTE_DTYPES or set(first) != set(projs):
+    scale_names = tuple(p + "_scale_inv" for p in projs) if scaled else ()
+    dtypes = {got[p].dtype for got in infos.values() for p in projs if p in got}
+    known = FP8_DTYPES if scaled else COMPUTE_DTYPES
+    if len(dtypes) != 1 or next(iter(dtypes)) not in known or set(first) != set(projs + scale_names):
         return None
     inter, hidden = first[gate_n].shape
     want = {gate_n: (inter, hidden), up_n: (inter, hidden), down_n: (hidden, inter)}
+    if scaled:
+        b0, b1 = tuple((ckpt.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+        blocks = lambda r, c: (-(-r // b0), -(-c // b1))  # noqa: E731
+        want.update({gate_n + "_scale_inv": blocks(inter, hidden), up_n + "_scale_inv": blocks(inter, hidden),
+                     down_n + "_scale_inv": blocks(hidden, inter)})
+        if {got[p].dtype for got in infos.values() for p in scale_names} != {"F32"}:
+            return None
     for e, got in infos.items():
-        if set(got) != set(projs) or any(tuple(got[p].shape) != want[p] for p in projs):
+        if set(got) != set(want) or any(tuple(got[p].shape) != want[p] for p in want):
             return None  # let the stacking path name the problem
-    dtype = COMPUTE_DTYPES[next(iter(dtypes))]
+    dtype = known[next(iter(dtypes))]
     n = len(infos)
     gate_up = torch.empty(n, 2 * inter, hidden, dtype=dtype)  # [E, 2I, H]
     down = torch.empty(n, hidden, inter, dtype=dtype)  # [E, H, I]
     jobs = [(infos[e][gate_n], gate_up[e, :inter]) for e in range(n)] + \
            [(infos[e][up_n], gate_up[e, inter:]) for e in range(n)] + [(infos[e][down_n], down[e]) for e in range(n)]
+    scales = None
+    if scaled:
+        (rg, cg), (rd, cd) = want[gate_n + "_scale_inv"], want[down_n + "_scale_inv"]
+        gate_up_s = torch.empty(n, 2 * rg, cg, dtype=torch.float32)  # [E, 2·ceil(I/b0), ceil(H/b1)]
+        down_s = torch.empty(n, rd, cd, dtype=torch.float32)  # [E, ceil(H/b0), ceil(I/b1)]
+        jobs += [(infos[e][gate_n + "_scale_inv"], gate_up_s[e, :rg]) for e in range(n)] + \
+                [(infos[e][up_n + "_scale_inv"], gate_up_s[e, rg:]) for e in range(n)] + \
+                [(infos[e][down_n + "_scale_inv"], down_s[e]) for e in range(n)]
+        block_of = lambda size, b: torch.arange(size) // b  # noqa: E731
+        gate_rows = torch.cat([block_of(inter, b0), rg + block_of(inter, b0)])  # gate's row blocks, then up's
+        scales = ((gate_up_s, gate_rows, block_of(hidden, b1)), (down_s, block_of(hidden, b0), block_of(inter, b1)))
     jobs.sort(key=lambda j: (str(j[0].path), j[0].start))  # file order: sequential reads per shard
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         list(pool.map(lambda j: read_into(*j), jobs))
-    return gate_up, down
+    return gate_up, down, scales
 
 
-def layer_state_dict(ckpt: Checkpoint, i: int) -> dict[str, torch.Tensor]:
+def layer_state_dict(ckpt: Checkpoint, i: int, packed_fp8: bool = False) -> dict[str, torch.Tensor]:
     """Module-named tensors of decoder layer i, experts stacked into the fused layout, FP8 dequantized.
 
-    Experts are read straight into the preallocated fused tensors (plain dtypes: by several threads, each
-    projection's bytes into its slice), so host memory peaks at about one copy of the layer, not two.
+    Experts are read straight into the preallocated fused tensors (by several threads, each projection's bytes
+    into its slice), so host memory peaks at about one copy of the layer, not two. ``packed_fp8``: block-FP8
+    routed experts stay float8 under ``PACKED_FP8`` (half the bytes to move; ``build_layer`` dequantizes them on
+    the layer's device — on the host, one thread took ~2 minutes per DeepSeek-V3 layer).
     """
     fam = ckpt.family
     prefix = fam.layer_prefix(i)
@@ -168,9 +211,14 @@ def layer_state_dict(ckpt: Checkpoint, i: int) -> dict[str, torch.Tensor]:
     n = ckpt.experts_in(i)
     if sorted(by_expert) != list(range(n)):
         raise MopError(f"{ckpt.path}: layer {i} has an incomplete expert set (expected {n} experts x 3 projections)")
-    direct = _read_experts_direct(ckpt, prefix, per_expert, by_expert, (gate_n, up_n, down_n))
+    direct = _read_experts_direct(ckpt, prefix, per_expert, by_expert, (gate_n, up_n, down_n), fp8=packed_fp8)
     if direct is not None:
-        sd["mlp.experts.gate_up_proj"], sd["mlp.experts.down_proj"] = direct
+        gate_up, down, scales = direct
+        if scales is None:
+            sd["mlp.experts.gate_up_proj"], sd["mlp.experts.down_proj"] = gate_up, down
+        else:
+            sd[PACKED_FP8] = {name: (w, *scale, dtype) for name, w, scale in
+                              (("mlp.experts.gate_up_proj", gate_up, scales[0]), ("mlp.experts.down_proj", down, scales[1]))}
         return sd
     gate_up = down = None
     for e in range(n):
@@ -205,7 +253,11 @@ def build_layer(ckpt: Checkpoint, i: int, *, config=None, device: str | torch.de
     cls = getattr(ckpt.family.modeling(), ckpt.family.decoder_layer_class)
     with torch.device("meta"):
         layer = cls(config, layer_idx=i)
-    sd = layer_state_dict(ckpt, i) if state_dict is None else state_dict
+    sd = dict(layer_state_dict(ckpt, i, packed_fp8=True) if state_dict is None else state_dict)
+    for name, (w, scale_inv, rows, cols, dt) in sd.pop(PACKED_FP8, {}).items():  # float8 to the device, then dequantize
+        on = torch.device(device)
+        sd[name] = dequantize_experts(_moved(w, on), _moved(scale_inv, on), rows, cols, dt)
+        del w
     try:
         layer.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
@@ -234,12 +286,20 @@ def to_device(module: torch.nn.Module, device: str | torch.device, dtype: torch.
     def move(t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "cpu":
             return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
-        out = torch.empty(t.shape, dtype=t.dtype, device=device)
-        if t.numel():
-            _staged_copy(t.reshape(-1).view(torch.uint8), out.view(-1).view(torch.uint8))
+        out = _moved(t, device)
         return out.to(dtype) if dtype is not None and out.is_floating_point() else out
 
     return module._apply(move)
+
+
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` (staged through pinned chunks on CUDA, as ``to_device``)."""
+    if device.type != "cuda":
+        return t.to(device)
+    out = torch.empty(t.shape, dtype=t.dtype, device=device)
+    if t.numel():
+        _staged_copy(t.reshape(-1).view(torch.uint8), out.view(-1).view(torch.uint8))
+    return out
 
 
 def _staged_copy(src: torch.Tensor, dst: torch.Tensor) -> None:

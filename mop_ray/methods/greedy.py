@@ -305,7 +305,8 @@ class _StepGraphs:
             _fast_rows(self.prods, buf, self.keep)
         torch.cuda.current_stream(buf.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a stage captures in its selection thread while its observe thread runs (and allocates)
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outs = _fast_rows(self.prods, buf, self.keep)
         return graph, buf, outs
 
