@@ -73,6 +73,7 @@ class LayerShardWorker:
         self._side: torch.cuda.Stream | None = None  # the worker's CUDA stream
         self._meta: dict | None = None
         self.device = pick_device()
+        self._compute: torch.cuda.Stream | None = None  # the waves' stream (made by the first wave)
         self._built: list[Future] = [Future() for _ in self.layer_ids]  # -> the decoder layer on the device
         self._inputs: Future = Future()  # -> (rotary embedding, token embedding or None)
         self._loader = threading.Thread(target=self._load, args=(dtype_named(dtype), first_stage, t0),
@@ -205,6 +206,14 @@ class LayerShardWorker:
         -> the wave's hidden states on the host for the next stage, None from the ``last`` stage."""
         for mb in mb_ids:
             _fault_injection(self.layer_ids, mb)
+        if self.device.type != "cuda":
+            return self._forward_wave(inputs, metas, last, final)
+        if self._compute is None:  # of higher priority than the worker's: selecting beside the waves delays them less
+            self._compute = torch.cuda.Stream(self.device, priority=-1)
+        with torch.cuda.stream(self._compute):
+            return self._forward_wave(inputs, metas, last, final)
+
+    def _forward_wave(self, inputs: list[torch.Tensor], metas: list[dict], last: bool, final: bool):
         rotary, embed = self._inputs.result()
         dev = self.device
         hs, pos, pes, metas_host = [], [], [], []
@@ -278,6 +287,8 @@ class LayerShardWorker:
         self._loader.join()
         for i in list(self._observed_blocks):  # the blocks may be used for selection next (``select``), unobserved
             del self._observed_blocks.pop(i).forward
+        if self._compute is not None:
+            self._compute.synchronize()  # the statistics' last sums, before this thread's stream reads them
         return {i: self._closed[i].result() if i in self._closed else self._close_records(i) for i in self.observers}
 
     def select(self, contexts: list, method: str, r: int) -> list:

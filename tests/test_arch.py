@@ -149,3 +149,25 @@ def test_to_device_through_pinned_chunks_equals_module_to(monkeypatch):
         assert v.is_cuda, k
         want = ref[k].to(torch.float16) if ref[k].is_floating_point() else ref[k]
         assert v.dtype == want.dtype and torch.equal(v.cpu(), want), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="staged host-to-GPU copies need a GPU")
+def test_sample_rows_go_to_the_gpu_through_pinned_chunks_unchanged(monkeypatch):
+    """A selection's sample rows (bfloat16 bits and float32) reach the GPU through ``host_to_device`` (pinned
+    chunks, no pageable copy that would stall a stage's waves) and decode to the host decoding's values."""
+    import numpy as np
+
+    from mop_ray.arch import layer as layer_mod
+    from mop_ray.observe.records import decode_rows
+
+    monkeypatch.setattr(layer_mod, "COPY_CHUNK", 4096)
+    staged = []
+    real = layer_mod._staged_copy
+    monkeypatch.setattr(layer_mod, "_staged_copy", lambda src, dst: (staged.append(src.numel()), real(src, dst)))
+    rows = torch.randn(300, 70, generator=torch.Generator().manual_seed(0))
+    bits = rows.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    for values in (bits, rows.numpy()):
+        got = decode_rows(values, "cuda")
+        assert got.is_cuda and got.dtype == torch.float32
+        assert torch.equal(got.cpu(), decode_rows(values, "cpu"))
+    assert staged == [bits.nbytes, rows.numpy().nbytes]

@@ -41,38 +41,32 @@ def test_stage_and_writer_crashes_are_survived(tiny_models, tmp_path, ray_local)
     assert not list((tmp_path / "hit.run" / "records").glob("layer=*/.sample.*"))
 
 
-def test_a_stage_lost_while_selecting_hands_its_layers_to_tasks(tiny_models, tmp_path, ray_local):
-    model = tiny_models["deepseek_v3"]
-    kw = dict(stages=2, method="mop", select_early=False)  # the stages select after observe
-    calm = run(small_job(model, tmp_path / "calm", **kw), log=lambda *_: None)
-    logs = []
-    env = {"MOP_RAY_FAULT_EXIT": f"2:select:{tmp_path / 'select.marker'}"}  # the stage selecting layer 2 dies
-    hit = run(small_job(model, tmp_path / "hit", extra={"fault_env": env}, **kw), log=logs.append)
-    assert (tmp_path / "select.marker").exists()
-    assert any("selecting in tasks instead" in line for line in logs), logs
-    phases = json.loads((tmp_path / "hit.run" / "manifest.json").read_text())["phases"]
-    assert phases["select"]["in"] == "tasks"
-    assert json.loads((tmp_path / "calm.run" / "manifest.json").read_text())["phases"]["select"]["in"] == "stages"
-    assert hit["keep_map"] == calm["keep_map"]
-    assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "hit")
-
-
-def test_a_stage_lost_while_selecting_beside_observe(tiny_models, tmp_path, ray_local):
-    """Stage 0 (layers 0-1) selects layer 1 in its worker thread once the final wave has passed it, while stage 1
-    still observes layer 2, and dies there. Depending on when the process goes, observe restarts with fresh
-    stages or the select phase hands the stage's layers to tasks; either way the output equals an undisturbed run."""
+def test_a_stage_lost_while_selecting_after_or_beside_observe(tiny_models, tmp_path, ray_local):
+    """Selecting after observe (select_early=False), the stage selecting layer 2 dies: its layers go to tasks.
+    Selecting beside observe, stage 0 (layers 0-1) dies in its worker thread selecting layer 1 while stage 1
+    still observes layer 2: depending on when the process goes, observe restarts with fresh stages or the select
+    phase hands the stage's layers to tasks. Both outputs equal an undisturbed run's."""
     model = tiny_models["deepseek_v3"]
     kw = dict(stages=2, method="mop")
     calm = run(small_job(model, tmp_path / "calm", **kw), log=lambda *_: None)
-    phases = json.loads((tmp_path / "calm.run" / "manifest.json").read_text())["phases"]
-    assert phases["select"]["in"] == "stages"
+    assert json.loads((tmp_path / "calm.run" / "manifest.json").read_text())["phases"]["select"]["in"] == "stages"
+
     logs = []
-    env = {"MOP_RAY_FAULT_EXIT": f"1:select:{tmp_path / 'select.marker'}"}
-    hit = run(small_job(model, tmp_path / "hit", extra={"fault_env": env}, **kw), log=logs.append)
-    assert (tmp_path / "select.marker").exists()
+    env = {"MOP_RAY_FAULT_EXIT": f"2:select:{tmp_path / 'after.marker'}"}
+    hit = run(small_job(model, tmp_path / "after", extra={"fault_env": env}, select_early=False, **kw), log=logs.append)
+    assert (tmp_path / "after.marker").exists()
+    assert any("selecting in tasks instead" in line for line in logs), logs
+    assert json.loads((tmp_path / "after.run" / "manifest.json").read_text())["phases"]["select"]["in"] == "tasks"
+    assert hit["keep_map"] == calm["keep_map"]
+    assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "after")
+
+    logs = []
+    env = {"MOP_RAY_FAULT_EXIT": f"1:select:{tmp_path / 'beside.marker'}"}
+    hit = run(small_job(model, tmp_path / "beside", extra={"fault_env": env}, **kw), log=logs.append)
+    assert (tmp_path / "beside.marker").exists()
     assert any("restarting the phase" in line or "selecting in tasks instead" in line for line in logs), logs
     assert hit["keep_map"] == calm["keep_map"]
-    assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "hit")
+    assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "beside")
 
 
 def test_losing_a_node_during_observe(tiny_models, tmp_path, ray_local):

@@ -256,7 +256,7 @@ def build_layer(ckpt: Checkpoint, i: int, *, config=None, device: str | torch.de
     sd = dict(layer_state_dict(ckpt, i, packed_fp8=True) if state_dict is None else state_dict)
     for name, (w, scale_inv, rows, cols, dt) in sd.pop(PACKED_FP8, {}).items():  # float8 to the device, then dequantize
         on = torch.device(device)
-        sd[name] = dequantize_experts(_moved(w, on), _moved(scale_inv, on), rows, cols, dt)
+        sd[name] = dequantize_experts(host_to_device(w, on), host_to_device(scale_inv, on), rows, cols, dt)
         del w
     try:
         layer.load_state_dict(sd, strict=True, assign=True)
@@ -286,14 +286,17 @@ def to_device(module: torch.nn.Module, device: str | torch.device, dtype: torch.
     def move(t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "cpu":
             return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
-        out = _moved(t, device)
+        out = host_to_device(t, device)
         return out.to(dtype) if dtype is not None and out.is_floating_point() else out
 
     return module._apply(move)
 
 
-def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` (staged through pinned chunks on CUDA, as ``to_device``)."""
+def host_to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; on CUDA staged through pinned chunks (``to_device``): a pageable copy would hold
+    the driver and stall every other thread's kernels meanwhile (a stage selecting beside its waves uploads ~1.5
+    GB of sample rows per Mixtral layer)."""
+    device = torch.device(device)
     if device.type != "cuda":
         return t.to(device)
     out = torch.empty(t.shape, dtype=t.dtype, device=device)

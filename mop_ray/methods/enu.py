@@ -36,7 +36,7 @@ def layer_products(ctx: LayerContext, min_kept: int) -> tuple[ExpertProducts, to
     dev = ctx.device
     x = sample.tensor("x", dev)  # [N, H] float32
     z = sample.tensor("z", dev)  # [N, H] float32
-    logits = torch.tensor(sample.logits, device=dev)  # [N, E]
+    logits = sample.tensor("logits", dev)  # [N, E] float32
     cap = ctx.params.get("enu_candidates")
     prods = expert_products(moe, ckpt.family, spec, x, z, logits, min_kept, None if cap is None else int(cap))
     n_batches = int(ctx.params.get("enu_batches", DEFAULT_BATCHES))

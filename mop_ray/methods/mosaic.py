@@ -186,7 +186,8 @@ def mop(ctx: LayerContext, r: int) -> Choice:
     details = {"general": general, "m": m, "s_var": s_var.tolist(), "enu": enu_details}
     if k_domains == 0:
         return Choice(s_var, sorted(general), details)
-    x = sample.tensor("x", prods.logits.device)  # [N, H] float32
+    # [N, H] float32: the products' copy on the device (decoded from the same rows), not a second upload
+    x = prods.runner.x if prods.runner is not None else sample.tensor("x", prods.logits.device)
     domains = kmeans(x, k_domains, seed=ctx.seed, draws=draws)  # [N] (Eq. 5)
     errors = prods.single_expert_errors(single_expert_weight(prods.spec, prods.logits))  # [N, E] ‖E_i(x)−z‖²
     counts = torch.bincount(domains, minlength=k_domains).double()  # [K]

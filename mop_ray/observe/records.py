@@ -52,10 +52,12 @@ def host_rows(t) -> np.ndarray:
 
 def decode_rows(values: np.ndarray, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """A sample matrix as a ``dtype`` tensor on ``device``; uint16 rows are bfloat16 bits, decoded on the device
-    (half the bytes over PCIe)."""
+    (half the bytes over PCIe). Copies to a GPU go through pinned chunks (``host_to_device``)."""
+    from mop_ray.arch.layer import host_to_device
+
     if values.dtype == np.uint16:
-        return torch.from_numpy(values.view(np.int16)).to(device).view(torch.bfloat16).to(dtype)
-    return torch.as_tensor(values, device=device, dtype=dtype)
+        return host_to_device(torch.from_numpy(values.view(np.int16)), device).view(torch.bfloat16).to(dtype)
+    return host_to_device(torch.from_numpy(np.ascontiguousarray(values)), device).to(dtype)
 
 
 class SampleWriter:
