@@ -17,9 +17,10 @@ from mop_ray.prune import prune
 from conftest import small_job
 
 
-def fp8_copy(src, dst, block=(128, 128)):
+def fp8_copy(src, dst, block=(128, 128), everything=False):
     """``src`` (the tiny DeepSeek-V3) with routed-expert weights in float8_e4m3fn plus a weight_scale_inv per
-    ``block`` (the last row and column blocks partial where the widths do not divide)."""
+    ``block`` (the last row and column blocks partial where the widths do not divide); ``everything``: every 2-D
+    decoder weight but the router's, as in the official release (attention, shared experts, dense MLPs)."""
     dst.mkdir()
     index = json.loads((src / "model.safetensors.index.json").read_text())
     new_map = {}
@@ -27,7 +28,9 @@ def fp8_copy(src, dst, block=(128, 128)):
         tensors = load_file(src / shard)
         out = {}
         for name, t in tensors.items():
-            if ".experts." in name and name.endswith(".weight"):
+            quantize = ".experts." in name or (everything and name.startswith("model.layers.") and t.dim() == 2
+                                               and not name.endswith("mlp.gate.weight"))
+            if quantize and name.endswith(".weight"):
                 rows, cols = -(-t.shape[0] // block[0]), -(-t.shape[1] // block[1])
                 scale = torch.empty(rows, cols)
                 for i in range(rows):
@@ -109,21 +112,26 @@ def test_fp8_layers_are_dequantized_for_calibration(fp8_model, tiny_models):
     assert 0 < rel < 0.05  # e4m3 keeps ~3 mantissa bits
 
 
-def test_fp8_experts_dequantized_where_they_compute_equal_dequantizing_each_on_the_host(tiny_models, tmp_path):
-    """A stage moves block-FP8 experts as float8 and dequantizes them on its device, fused (``PACKED_FP8``):
-    bit for bit the per-expert host dequantization, with several blocks per weight, partial ones included."""
+def test_fp8_weights_dequantized_where_they_compute_equal_dequantizing_each_on_the_host(tiny_models, tmp_path):
+    """A stage moves block-FP8 weights as float8 and dequantizes them on its device (``PACKED_FP8``: routed experts
+    fused, attention, shared experts, the dense MLP): bit for bit the host's dequantization of each tensor, with
+    several blocks per weight, partial ones included; the router stays as it is."""
     from mop_ray.arch.layer import PACKED_FP8, build_layer, layer_state_dict
 
-    ckpt = Checkpoint(fp8_copy(tiny_models["deepseek_v3"], tmp_path / "fp8", block=(8, 12)))
-    for layer in ckpt.moe_layers:
-        host = layer_state_dict(ckpt, layer)  # per expert: read, dequantize_fp8, stack
+    ckpt = Checkpoint(fp8_copy(tiny_models["deepseek_v3"], tmp_path / "fp8", block=(8, 12), everything=True))
+    for layer in range(ckpt.num_layers):  # a dense layer and MoE layers
+        host = layer_state_dict(ckpt, layer)  # per tensor: read, dequantize_fp8 on the host (experts stacked)
         packed = layer_state_dict(ckpt, layer, packed_fp8=True)
-        w, scale_inv, rows, cols, dtype = packed[PACKED_FP8]["mlp.experts.down_proj"]
-        assert w.dtype == torch.float8_e4m3fn and scale_inv.shape[1:] == (-(-w.shape[1] // 8), -(-w.shape[2] // 12))
-        assert "mlp.experts.down_proj" not in packed
-        moe = build_layer(ckpt, layer).mlp  # the packed path
-        for name in ("gate_up_proj", "down_proj"):
-            assert torch.equal(getattr(moe.experts, name).detach(), host[f"mlp.experts.{name}"])
+        fp8 = packed[PACKED_FP8]
+        assert "self_attn.o_proj.weight" in fp8 and "self_attn.o_proj.weight" not in packed
+        if layer in ckpt.moe_layers:
+            w, scale_inv, rows, cols, dtype, shape = fp8["mlp.experts.down_proj"]
+            assert w.dtype == torch.float8_e4m3fn and scale_inv.shape[1:] == (-(-w.shape[1] // 8), -(-w.shape[2] // 12))
+            assert "mlp.shared_experts.up_proj.weight" in fp8 and "mlp.gate.weight" in packed  # the router stays
+        built = build_layer(ckpt, layer).state_dict()  # the packed path
+        assert set(built) == set(host)
+        for name, want in host.items():
+            assert built[name].dtype == want.dtype and torch.equal(built[name], want), name
 
 
 def test_pruning_an_fp8_model_with_calibration_keeps_fp8_experts(fp8_model, tmp_path, ray_local):

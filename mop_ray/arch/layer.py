@@ -43,16 +43,26 @@ def hf_config(ckpt: Checkpoint, attn_implementation: str = "sdpa", experts_imple
 SCALE_SUFFIX = "weight_scale_inv"
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """Block-FP8 weight [out, in] times its per-block scale [ceil(out/b0), ceil(in/b1)] (DeepSeek-V3 format)."""
-    out, inp = weight.shape
-    rows = -(-out // block[0])
-    cols = -(-inp // block[1])
+def _check_scale(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+    rows, cols = -(-weight.shape[0] // block[0]), -(-weight.shape[1] // block[1])
     if tuple(scale_inv.shape) != (rows, cols):
         raise MopError(f"FP8 weight {tuple(weight.shape)} with {block[0]}x{block[1]} blocks needs a [{rows}, {cols}] "
                        f"weight_scale_inv, found {list(scale_inv.shape)}")
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Block-FP8 weight [out, in] times its per-block scale [ceil(out/b0), ceil(in/b1)] (DeepSeek-V3 format)."""
+    _check_scale(weight, scale_inv, block)
+    out, inp = weight.shape
     scale = scale_inv.float().repeat_interleave(block[0], 0)[:out].repeat_interleave(block[1], 1)[:, :inp]
     return (weight.float() * scale).to(dtype)
+
+
+def pack_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> tuple:
+    """A ``PACKED_FP8`` entry for one block-FP8 weight [out, in]: dequantized later where it computes."""
+    _check_scale(weight, scale_inv, block)
+    rows, cols = torch.arange(weight.shape[0]) // block[0], torch.arange(weight.shape[1]) // block[1]
+    return weight[None], scale_inv.float()[None], rows, cols, dtype, tuple(weight.shape)
 
 
 def dequantize_experts(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -70,7 +80,9 @@ def dequantize_experts(weight: torch.Tensor, scale_inv: torch.Tensor, rows: torc
 
 COMPUTE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn}
-PACKED_FP8 = "fp8 experts"  # layer_state_dict(packed_fp8=True): {param: (fp8 [E, R, C], scale_inv [E, Rs, Cs], rows, cols, dtype)}
+# layer_state_dict(packed_fp8=True): {param: (fp8 [E, R, C], scale_inv [E, Rs, Cs], row blocks [R], column blocks [C],
+# dtype, the parameter's shape)} — fused experts (E of them) and single weights (E = 1) alike
+PACKED_FP8 = "fp8 weights"
 
 
 def compute_dtype(ckpt: Checkpoint, names: list[str]) -> torch.dtype:
@@ -80,8 +92,9 @@ def compute_dtype(ckpt: Checkpoint, names: list[str]) -> torch.dtype:
     return Counter(plain).most_common(1)[0][0] if plain else torch.bfloat16
 
 
-def _read(ckpt: Checkpoint, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The named tensors; block-FP8 weights come back dequantized to ``dtype`` (their scales consumed)."""
+def _read(ckpt: Checkpoint, names: list[str], dtype: torch.dtype, packed: dict | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors; block-FP8 weights come back dequantized to ``dtype`` (their scales consumed), or with
+    ``packed`` go there instead as ``pack_fp8`` entries."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
@@ -96,7 +109,10 @@ def _read(ckpt: Checkpoint, names: list[str], dtype: torch.dtype) -> dict[str, t
         w = scale[: -len(SCALE_SUFFIX)] + "weight"
         if w not in out:
             raise MopError(f"{ckpt.path}: {scale} has no weight {w}")
-        out[w] = dequantize_fp8(out[w], out.pop(scale), block, dtype)
+        if packed is not None:
+            packed[w] = pack_fp8(out.pop(w), out.pop(scale), block, dtype)
+        else:
+            out[w] = dequantize_fp8(out[w], out.pop(scale), block, dtype)
     return out
 
 
@@ -182,8 +198,9 @@ def layer_state_dict(ckpt: Checkpoint, i: int, packed_fp8: bool = False) -> dict
 
     Experts are read straight into the preallocated fused tensors (by several threads, each projection's bytes
     into its slice), so host memory peaks at about one copy of the layer, not two. ``packed_fp8``: block-FP8
-    routed experts stay float8 under ``PACKED_FP8`` (half the bytes to move; ``build_layer`` dequantizes them on
-    the layer's device — on the host, one thread took ~2 minutes per DeepSeek-V3 layer).
+    weights (routed experts fused, attention, shared experts, dense MLPs) stay float8 under ``PACKED_FP8`` (half
+    the bytes to move; ``build_layer`` dequantizes them on the layer's device — on the host, one thread took ~2
+    minutes per DeepSeek-V3 layer for the experts alone).
     """
     fam = ckpt.family
     prefix = fam.layer_prefix(i)
@@ -200,12 +217,14 @@ def layer_state_dict(ckpt: Checkpoint, i: int, packed_fp8: bool = False) -> dict
             by_expert.setdefault(int(m.group(1)), []).append(name)
         else:
             other.append(name)
-    sd: dict[str, torch.Tensor] = {}
-    for name, tensor in _read(ckpt, other, dtype).items():
-        local = name[len(prefix):]
-        if local.startswith(fam.moe_module + "."):
-            local = "mlp." + local[len(fam.moe_module) + 1:]
-        sd[local] = tensor
+    def local(name: str) -> str:
+        name = name[len(prefix):]
+        return "mlp." + name[len(fam.moe_module) + 1:] if name.startswith(fam.moe_module + ".") else name
+
+    packed = {} if packed_fp8 else None
+    sd: dict[str, torch.Tensor] = {local(name): t for name, t in _read(ckpt, other, dtype, packed).items()}
+    if packed:
+        sd[PACKED_FP8] = {local(name): entry for name, entry in packed.items()}
     if not by_expert:
         return sd
     n = ckpt.experts_in(i)
@@ -217,8 +236,8 @@ def layer_state_dict(ckpt: Checkpoint, i: int, packed_fp8: bool = False) -> dict
         if scales is None:
             sd["mlp.experts.gate_up_proj"], sd["mlp.experts.down_proj"] = gate_up, down
         else:
-            sd[PACKED_FP8] = {name: (w, *scale, dtype) for name, w, scale in
-                              (("mlp.experts.gate_up_proj", gate_up, scales[0]), ("mlp.experts.down_proj", down, scales[1]))}
+            sd.setdefault(PACKED_FP8, {}).update({name: (w, *scale, dtype, tuple(w.shape)) for name, w, scale in (
+                ("mlp.experts.gate_up_proj", gate_up, scales[0]), ("mlp.experts.down_proj", down, scales[1]))})
         return sd
     gate_up = down = None
     for e in range(n):
@@ -254,9 +273,9 @@ def build_layer(ckpt: Checkpoint, i: int, *, config=None, device: str | torch.de
     with torch.device("meta"):
         layer = cls(config, layer_idx=i)
     sd = dict(layer_state_dict(ckpt, i, packed_fp8=True) if state_dict is None else state_dict)
-    for name, (w, scale_inv, rows, cols, dt) in sd.pop(PACKED_FP8, {}).items():  # float8 to the device, then dequantize
-        on = torch.device(device)
-        sd[name] = dequantize_experts(host_to_device(w, on), host_to_device(scale_inv, on), rows, cols, dt)
+    for name, (w, scale_inv, rows, cols, dt, shape) in sd.pop(PACKED_FP8, {}).items():  # float8 to the device, then
+        on = torch.device(device)                                                          # dequantized there
+        sd[name] = dequantize_experts(host_to_device(w, on), host_to_device(scale_inv, on), rows, cols, dt).reshape(shape)
         del w
     try:
         layer.load_state_dict(sd, strict=True, assign=True)
