@@ -139,7 +139,7 @@ class LayerShardWorker:
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
         t = time.perf_counter()
-        sd = layer_state_dict(self.ckpt, i, packed_fp8=True)  # block-FP8 experts: dequantized on the device
+        sd = layer_state_dict(self.ckpt, i, packed_fp8=True)  # block-FP8 weights: dequantized on the device
         self.load_times["read_s"] += time.perf_counter() - t  # in the reader thread, overlapping the builds
         return sd
 
