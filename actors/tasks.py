@@ -20,7 +20,8 @@ def select_layer(run_dir: str, ctx: LayerContext, method: str, r: int, block=Non
     ctx.device = "cuda" if torch.cuda.is_available() else "cpu"
     ctx.block = block
     try:
-        kept, c = choose(m, ctx, r)
+        with torch.no_grad():  # a stage's parameters require grad: no method should build autograd graphs on them
+            kept, c = choose(m, ctx, r)
     finally:  # the caller may hold ``ctx`` on (a stage selects its layers in turn): let the sample and block go
         ctx.records = ctx.block = None
     return ctx.layer, kept, [float(s) for s in c.scores], c.details
