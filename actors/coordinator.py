@@ -164,8 +164,7 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
 
 def stage_file_bytes(ckpt: Checkpoint, stage) -> int:
     """Bytes a stage reads from the shards: its layers' tensors (FP8 at their file size) and stage 0's embedding."""
-    embed = sum(t.nbytes for n, t in ckpt.tensors.items() if "embed_tokens" in n and ckpt.layer_of(n) is None)
-    return sum(ckpt.layer_bytes.get(i, 0) for i in stage.layers) + (embed if stage.index == 0 else 0)
+    return sum(ckpt.layer_bytes.get(i, 0) for i in stage.layers) + (ckpt.embed_bytes if stage.index == 0 else 0)
 
 
 def recorded_layers(manifest: Manifest) -> set[int]:
@@ -358,12 +357,11 @@ SELECT_MEMORY_GB = float(os.environ.get("MOP_RAY_SELECT_MEMORY_GB", 64))
 
 def check_selection_memory(ckpt: Checkpoint, job: PruneJob) -> None:
     """Refuse a --sample whose per-layer products (``mop_ray.methods.products``) exceed the selection budget."""
-    from mop_ray.methods.products import candidate_count, selection_bytes
+    from mop_ray.methods.products import layer_selection_bytes
 
     n = min(job.sample, job.tokens) if job.sample > 0 else 0
-    c = candidate_count(ckpt.family.router_spec(ckpt.config), ckpt.num_experts, 1)
     half = str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "bfloat16") in ("bfloat16", "float16")
-    need = selection_bytes(n, ckpt.num_experts, int(ckpt.config["hidden_size"]), c, half) / 2**30
+    need = layer_selection_bytes(ckpt, n, half) / 2**30
     if need > SELECT_MEMORY_GB:
         most = int(job.sample * SELECT_MEMORY_GB / need)
         raise MopError(f"--sample {job.sample}: selecting with {job.method} needs {need:.1f} GiB per layer for the "

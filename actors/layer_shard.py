@@ -256,7 +256,7 @@ class LayerShardWorker:
     def _close_early(self, i: int) -> None:
         """Layer ``i`` has seen its last micro-batch: unobserve its block (selection may run it) and, in the worker
         thread on the side stream once the wave's work on the layer is done, write its records and select it."""
-        del self._observed_blocks.pop(i).forward  # the class's forward again
+        self._unobserve(i)
         done = None
         if self._side is not None:
             done = torch.cuda.Event()
@@ -264,6 +264,10 @@ class LayerShardWorker:
         self._closed[i] = self._worker.submit(self._on_side, done, self._close_records, i)
         if self._selection is not None and i in self._selection[0]:
             self._early[i] = self._worker.submit(self._on_side, done, self._select_early, i)
+
+    def _unobserve(self, i: int) -> None:
+        """Layer ``i``'s MoE block runs the class's forward again (selection may run it, unobserved)."""
+        del self._observed_blocks.pop(i).forward
 
     def _on_side(self, after: torch.cuda.Event | None, fn, *args):
         """``fn(*args)`` on the side stream, ordered after the event ``after`` (the observe thread's work)."""
@@ -285,8 +289,8 @@ class LayerShardWorker:
         """Close the sample files and write the statistics of layers no final wave closed; wait for the others.
         -> {layer: {"rows", "tokens"}}."""
         self._loader.join()
-        for i in list(self._observed_blocks):  # the blocks may be used for selection next (``select``), unobserved
-            del self._observed_blocks.pop(i).forward
+        for i in list(self._observed_blocks):
+            self._unobserve(i)
         if self._compute is not None:
             self._compute.synchronize()  # the statistics' last sums, before this thread's stream reads them
         return {i: self._closed[i].result() if i in self._closed else self._close_records(i) for i in self.observers}
@@ -318,16 +322,15 @@ class LayerShardWorker:
         (``mop_ray.methods.products.selection_bytes``, and the expert-output chunks it sizes from free memory)."""
         if self.device.type != "cuda":
             return True
-        from mop_ray.methods.products import candidate_count, selection_bytes
+        from mop_ray.methods.products import layer_selection_bytes
 
         ckpt = self.ckpt
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         loading = sum(ckpt.resident_layer_bytes.get(j, 0) for j, f in zip(self.layer_ids, self._built) if not f.done())
-        c = candidate_count(ckpt.family.router_spec(ckpt.config), ckpt.num_experts, 1)
         block = self._built[self.layer_ids.index(i)].result().mlp
-        need = selection_bytes(self.observers[i].sample_writer.rows, ckpt.num_experts, int(ckpt.config["hidden_size"]),
-                               c, block.experts.gate_up_proj.element_size() == 2) + (2 << 30)
+        need = layer_selection_bytes(ckpt, self.observers[i].sample_writer.rows,
+                                     block.experts.gate_up_proj.element_size() == 2) + (2 << 30)
         return free - loading >= 2 * need
 
     def _select_one(self, ctx, method: str, r: int, clear_cache: bool = True):

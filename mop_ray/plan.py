@@ -109,9 +109,7 @@ def plan_stages(ckpt: Checkpoint, n_stages: int, *, micro_batch_tokens: int = 81
     layers = list(range(ckpt.num_layers))
     if not 1 <= n_stages <= len(layers):
         raise MopError(f"--stages {n_stages}: expected between 1 and the model's {len(layers)} decoder layers")
-    embed = getattr(ckpt, "embed_bytes", None)
-    if embed is None:
-        embed = sum(t.nbytes for n, t in ckpt.tensors.items() if "embed_tokens" in n and ckpt.layer_of(n) is None)
+    embed = ckpt.embed_bytes
     costs = [ckpt.resident_layer_bytes.get(i, 0) for i in layers]
     costs[0] += embed
     hidden = int(ckpt.config.get("hidden_size", 0))

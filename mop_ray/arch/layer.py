@@ -58,10 +58,15 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     return (weight.float() * scale).to(dtype)
 
 
+def _block_index(size: int, block: int) -> torch.Tensor:
+    """The scale block of each of ``size`` rows (or columns) [size]."""
+    return torch.arange(size) // block
+
+
 def pack_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> tuple:
     """A ``PACKED_FP8`` entry for one block-FP8 weight [out, in]: dequantized later where it computes."""
     _check_scale(weight, scale_inv, block)
-    rows, cols = torch.arange(weight.shape[0]) // block[0], torch.arange(weight.shape[1]) // block[1]
+    rows, cols = _block_index(weight.shape[0], block[0]), _block_index(weight.shape[1], block[1])
     return weight[None], scale_inv.float()[None], rows, cols, dtype, tuple(weight.shape)
 
 
@@ -182,9 +187,9 @@ def _read_experts_direct(ckpt: Checkpoint, prefix: str, per_expert, by_expert: d
         jobs += [(infos[e][gate_n + "_scale_inv"], gate_up_s[e, :rg]) for e in range(n)] + \
                 [(infos[e][up_n + "_scale_inv"], gate_up_s[e, rg:]) for e in range(n)] + \
                 [(infos[e][down_n + "_scale_inv"], down_s[e]) for e in range(n)]
-        block_of = lambda size, b: torch.arange(size) // b  # noqa: E731
-        gate_rows = torch.cat([block_of(inter, b0), rg + block_of(inter, b0)])  # gate's row blocks, then up's
-        scales = ((gate_up_s, gate_rows, block_of(hidden, b1)), (down_s, block_of(hidden, b0), block_of(inter, b1)))
+        gate_rows = torch.cat([_block_index(inter, b0), rg + _block_index(inter, b0)])  # gate's row blocks, then up's
+        scales = ((gate_up_s, gate_rows, _block_index(hidden, b1)),
+                  (down_s, _block_index(hidden, b0), _block_index(inter, b1)))
     jobs.sort(key=lambda j: (str(j[0].path), j[0].start))  # file order: sequential reads per shard
     from concurrent.futures import ThreadPoolExecutor
 
@@ -273,10 +278,9 @@ def build_layer(ckpt: Checkpoint, i: int, *, config=None, device: str | torch.de
     with torch.device("meta"):
         layer = cls(config, layer_idx=i)
     sd = dict(layer_state_dict(ckpt, i, packed_fp8=True) if state_dict is None else state_dict)
-    for name, (w, scale_inv, rows, cols, dt, shape) in sd.pop(PACKED_FP8, {}).items():  # float8 to the device, then
-        on = torch.device(device)                                                          # dequantized there
-        sd[name] = dequantize_experts(host_to_device(w, on), host_to_device(scale_inv, on), rows, cols, dt).reshape(shape)
-        del w
+    for name, (w, scale_inv, rows, cols, dt, shape) in sd.pop(PACKED_FP8, {}).items():  # float8 to the device,
+        sd[name] = dequantize_experts(host_to_device(w, device), host_to_device(scale_inv, device),  # dequantized there
+                                      rows, cols, dt).reshape(shape)
     try:
         layer.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:

@@ -183,6 +183,11 @@ class Checkpoint(ModelFacts):
             sizes[layer] += t.nbytes * 2 // t.itemsize if t.dtype.startswith("F8") else t.nbytes
         return dict(sizes)
 
+    @cached_property
+    def embed_bytes(self) -> int:
+        """Bytes of the token embedding (the first stage holds it; the LM head belongs to no stage)."""
+        return sum(t.nbytes for n, t in self.tensors.items() if "embed_tokens" in n and self.layer_of(n) is None)
+
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())

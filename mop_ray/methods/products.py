@@ -226,6 +226,12 @@ def selection_bytes(n_tokens: int, n_experts: int, hidden: int, c: int, half_wei
     return gram + 7 * n_tokens * n_experts * 8 + n_tokens * n_experts + 2 * n_tokens * hidden * 4
 
 
+def layer_selection_bytes(ckpt, n_tokens: int, half_weights: bool) -> int:
+    """``selection_bytes`` of one MoE layer of ``ckpt`` (a Checkpoint) for a sample of ``n_tokens`` rows."""
+    c = candidate_count(ckpt.family.router_spec(ckpt.config), ckpt.num_experts, 1)
+    return selection_bytes(n_tokens, ckpt.num_experts, int(ckpt.config["hidden_size"]), c, half_weights)
+
+
 @torch.no_grad()
 def expert_products(moe, family, spec: RouterSpec, x: torch.Tensor, z: torch.Tensor, logits: torch.Tensor,
                     min_kept: int, max_candidates: int | None = None) -> ExpertProducts:
