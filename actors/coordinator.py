@@ -21,6 +21,7 @@ import ray
 from tqdm import tqdm
 
 from actors.cluster import check_reachable, connect, default_stages, started_locally
+from actors.early_writes import EarlyChoices, shards_ahead
 from actors.layer_shard import LayerShardWorker
 from actors.shard_writer import ray_shard_writer
 from actors.tasks import combine_layers_task, select_layer_task
@@ -58,6 +59,7 @@ class PruneJob:
     dtype: str | None = None
     max_attempts: int = 3
     select_early: bool = True  # stages select a layer beside the next layers' observation (where memory allows)
+    write_early: bool = True  # with select_early: each output shard is written once its layers are selected
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -148,7 +150,7 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
     if not pg.wait(timeout_seconds=600):
         raise MopError(f"could not reserve {len(stages)} x {bundle} for the stages within 10 minutes; "
                        f"cluster has {ray.cluster_resources()}")
-    Shard = ray.remote(max_restarts=0)(LayerShardWorker)
+    Shard = ray.remote(max_restarts=0, concurrency_groups={"poll": 1})(LayerShardWorker)
     runtime_env = {"env_vars": job.extra["fault_env"]} if job.extra.get("fault_env") else None
     actors = []
     moe = set(ckpt.moe_layers)
@@ -187,8 +189,12 @@ class LiveStages:
     stages: list
     actors: list
     pg: object
+    early: EarlyChoices | None = None  # passes the layers they select beside the waves to the early shard writes
 
     def close(self) -> None:
+        if self.early is not None:
+            self.early.stop()
+            self.early = None
         if self.pg is None:
             return
         for a in self.actors:
@@ -198,15 +204,17 @@ class LiveStages:
 
 
 def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log,
-            keep_stages: bool = False, started: LiveStages | None = None) -> tuple[dict, LiveStages | None]:
+            keep_stages: bool = False, started: LiveStages | None = None, on_selected=None) -> tuple[dict, LiveStages | None]:
     """Stream the calibration blocks through the stages; a stage lost mid-way (actor crash, node loss) restarts
     the phase with fresh actors, up to ``job.max_attempts`` times. Records are written only when every
     micro-batch went through, so a replay never double-counts. -> (the phase's manifest state, the stages
     still running when ``keep_stages`` and they ran; the caller closes them). ``started``: stages from
-    ``prestart_stages`` for the first attempt."""
+    ``prestart_stages`` for the first attempt. ``on_selected(layer, kept)``: told of each layer the stages select
+    beside the waves, as soon as they have (``EarlyChoices``)."""
     for attempt in range(1, job.max_attempts + 1):
         try:
-            return _observe_once(job, ckpt, calib, run, manifest, log, keep_stages, started if attempt == 1 else None)
+            return _observe_once(job, ckpt, calib, run, manifest, log, keep_stages, started if attempt == 1 else None,
+                                 on_selected)
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
             if attempt == job.max_attempts:
                 raise MopError(f"observe: a stage was lost {attempt} times; last: {str(e).strip().splitlines()[0]}") from None
@@ -216,7 +224,7 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
 
 
 def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log,
-                  keep_stages: bool, started: LiveStages | None) -> tuple[dict, LiveStages | None]:
+                  keep_stages: bool, started: LiveStages | None, on_selected=None) -> tuple[dict, LiveStages | None]:
     recorded = recorded_layers(manifest)
     if set(ckpt.moe_layers) <= recorded:
         log("observe: all layers recorded, skipping")
@@ -242,6 +250,9 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
         # first wave, as a MopError)
         ray.get([a.begin.remote(sources, None if ahead is None else ([c for c in ahead[0] if c.layer in st.layers], *ahead[1:]))
                  for st, a in zip(stages, actors)])
+        if ahead is not None and on_selected is not None:
+            moe = set(ckpt.moe_layers)
+            live.early = EarlyChoices(actors, [[i for i in st.layers if i in moe] for st in stages], on_selected, log)
         where = ray.get([a.where.remote() for a in actors])
         starts = list(range(0, len(ids), job.micro_batch))
         mb_bytes = micro_batch_bytes(ckpt, job.micro_batch, job.seq_len, job.dtype)
@@ -393,38 +404,50 @@ def run(job: PruneJob, log=print) -> dict:
     if run_dir.exists() and not job.resume and (run_dir / "manifest.json").exists():
         shutil.rmtree(run_dir / "records", ignore_errors=True)
         (run_dir / "manifest.json").unlink()
+    shutil.rmtree(run_dir / "shards", ignore_errors=True)  # an earlier run's shards written ahead (ShardsAhead)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir / "manifest.json", plan_hash(job, ckpt), job.resume, str(ckpt.path.absolute()))
+    fault_env = {"env_vars": job.extra["fault_env"]} if job.extra.get("fault_env") else None
     timings = {}
-    live = None
+    live = ahead = None
     try:
-        if method.needs_records:
+        try:
+            if method.needs_records:
+                t = time.time()
+                live = prestart_stages(job, ckpt, run_dir, manifest, log)  # they load while calibration tokenises
+                if live is not None and job.write_early and select_ahead(job, ckpt, True) and method.combine is None:
+                    ahead = shards_ahead(ckpt, Path(job.out).absolute(), run_dir, job.keep, job.max_shard_size, fault_env, log)
+                calib = calibrate(job, ckpt, run_dir, manifest, log)
+                timings["calibrate_s"] = round(time.time() - t, 2)
+                t = time.time()
+                _, live = observe(job, ckpt, calib, run_dir, manifest, log, keep_stages=method.needs_weights, started=live,
+                                  on_selected=ahead.offer if ahead is not None else None)
+                timings["observe_s"] = round(time.time() - t, 2)
             t = time.time()
-            live = prestart_stages(job, ckpt, run_dir, manifest, log)  # they load while calibration tokenises
-            calib = calibrate(job, ckpt, run_dir, manifest, log)
-            timings["calibrate_s"] = round(time.time() - t, 2)
-            t = time.time()
-            _, live = observe(job, ckpt, calib, run_dir, manifest, log, keep_stages=method.needs_weights, started=live)
-            timings["observe_s"] = round(time.time() - t, 2)
-        t = time.time()
-        keep, scores, details = select_phase(job, ckpt, run_dir, manifest, log, live)
-        timings["select_s"] = round(time.time() - t, 2)
-    finally:
-        if live is not None:
-            live.close()
-    if os.environ.get("MOP_RAY_FAULT_DRIVER_EXIT") == "after_select":  # test hook: the driver is killed here
-        os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no atexit, like an OOM kill
+            keep, scores, details = select_phase(job, ckpt, run_dir, manifest, log, live)
+            timings["select_s"] = round(time.time() - t, 2)
+        finally:
+            if live is not None:
+                live.close()
+        if os.environ.get("MOP_RAY_FAULT_DRIVER_EXIT") == "after_select":  # test hook: the driver is killed here
+            os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no atexit, like an OOM kill
+    except BaseException:
+        if ahead is not None:
+            ahead.close()
+        raise
     info = {"method": job.method, "parameters": {k: v for k, v in asdict(job).items() if k not in ("progress", "address")},
             "scores": scores, "details": details, "timings": timings, "run_dir": str(run_dir)}
     res = write_pruned(ckpt, job.out, keep, max_shard_size=job.max_shard_size, overwrite=job.overwrite, info=info,
-                       allow_nonuniform=method.combine is not None,
-                       shard_writer=ray_shard_writer(runtime_env={"env_vars": job.extra["fault_env"]} if job.extra.get("fault_env") else None))
-    manifest.mark("write", {"out": str(res.out), "shards": res.shards, "bytes": res.total_bytes, "seconds": round(res.seconds, 2)})
+                       allow_nonuniform=method.combine is not None, shard_writer=ray_shard_writer(runtime_env=fault_env),
+                       ahead=ahead)
+    manifest.mark("write", {"out": str(res.out), "shards": res.shards, "bytes": res.total_bytes, "seconds": round(res.seconds, 2),
+                            "written_ahead": res.written_ahead})
     out = Checkpoint(res.out)  # verify: the output parses, has the kept counts and every MoE router
     found = {i: out.experts_in(i) for i in out.moe_layers}
     if found != {i: len(v) for i, v in keep.items()}:
         raise MopError(f"verify: {res.out} has experts per layer {found}; expected {job.keep} (keep-map {keep})")
     manifest.mark("verify", {"ok": True})
-    log(f"wrote {res.out}: {res.shards} shards, {res.total_bytes / 1e6:.1f} MB "
+    ahead_text = f", {len(res.written_ahead)} of them while selecting" if res.written_ahead else ""
+    log(f"wrote {res.out}: {res.shards} shards{ahead_text}, {res.total_bytes / 1e6:.1f} MB "
         f"({100 * res.total_bytes / res.source_bytes:.1f}% of the source) in {time.time() - t_start:.1f}s")
     return {"out": str(res.out), "run_dir": str(run_dir), "keep_map": keep, "timings": timings}

@@ -13,12 +13,14 @@ its own CUDA stream, while the next layers observe.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 
 import numpy as np
+import ray
 import torch
 
 from mop_ray.arch.layer import build_layer, dtype_named, hf_config, layer_state_dict, rotary_embedding
@@ -68,6 +70,7 @@ class LayerShardWorker:
         self._observed_blocks: dict[int, torch.nn.Module] = {}  # layer -> MoE block whose forward observes
         self._closed: dict[int, Future] = {}  # layer -> {"rows", "tokens"} once its records are written
         self._early: dict[int, Future] = {}  # layer -> its selection result, or None when left for ``select``
+        self._early_done: queue.Queue[int] = queue.Queue()  # layers whose early selection ended, for ``selected_early``
         self._selection: tuple | None = None  # ({layer: LayerContext}, method, r) from ``begin``
         self._worker: ThreadPoolExecutor | None = None  # closes records and selects, beside the waves
         self._side: torch.cuda.Stream | None = None  # the worker's CUDA stream
@@ -263,7 +266,8 @@ class LayerShardWorker:
             done.record()  # after the layer's last kernels on this thread's stream
         self._closed[i] = self._worker.submit(self._on_side, done, self._close_records, i)
         if self._selection is not None and i in self._selection[0]:
-            self._early[i] = self._worker.submit(self._on_side, done, self._select_early, i)
+            f = self._early[i] = self._worker.submit(self._on_side, done, self._select_early, i)
+            f.add_done_callback(lambda _, i=i: self._early_done.put(i))
 
     def _unobserve(self, i: int) -> None:
         """Layer ``i``'s MoE block runs the class's forward again (selection may run it, unobserved)."""
@@ -301,9 +305,22 @@ class LayerShardWorker:
         ``select``) return that result. -> one result per context."""
         early = {}
         for ctx in contexts:  # all early ones first: one selection at a time on the device
-            f = self._early.pop(ctx.layer, None)
+            f = self._early.get(ctx.layer)
             early[ctx.layer] = f.result() if f is not None else None
         return [early[ctx.layer] or self._select_one(ctx, method, r) for ctx in contexts]
+
+    @ray.method(concurrency_group="poll")
+    def selected_early(self, wait_s: float = 5.0) -> dict[int, tuple | None]:
+        """Layers whose selection beside the waves ended since the last call, waiting up to ``wait_s`` for the first:
+        {layer: ``select_layer``'s result, or None where ``select`` chooses it (no room, or it failed)}. In its own
+        concurrency group, so it answers while a wave runs: the coordinator writes output shards from it."""
+        try:
+            ended = [self._early_done.get(timeout=wait_s)]
+        except queue.Empty:
+            return {}
+        while not self._early_done.empty():
+            ended.append(self._early_done.get())
+        return {i: self._early[i].result() if self._early[i].exception() is None else None for i in ended}
 
     def _select_early(self, i: int):
         """Layer ``i``'s selection beside the waves, or None (left for ``select``) when the device lacks room."""

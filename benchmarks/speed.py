@@ -649,7 +649,8 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     job = PruneJob(model=str(ckpt.path), out=str(out), method=args.method, keep=args.keep, general=args.general,
                    calib=args.calib, tokens=args.tokens, seq_len=args.seq_len, sample=args.sample, seed=args.seed,
                    run_dir=str(run_dir), stages=stages, micro_batch=args.micro_batch, waves=args.waves, max_shard_size=args.max_shard_size,
-                   dtype=args.dtype, overwrite=True, progress=args.progress, select_early=not args.select_after_observe)
+                   dtype=args.dtype, overwrite=True, progress=args.progress, select_early=not args.select_after_observe,
+                   write_early=not args.write_after_select)
     host, gpu = HostMemory(args.poll), GpuMemory(args.poll)
     host.start()
     gpu.start()
@@ -816,6 +817,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--enu-compare", action="store_true")
     ap.add_argument("--select-after-observe", action="store_true",
                     help="stages select every layer after observe (PruneJob.select_early=False), not beside it")
+    ap.add_argument("--write-after-select", action="store_true",
+                    help="write every output shard after the select phase (PruneJob.write_early=False), not each "
+                         "as soon as its layers are selected")
     ap.add_argument("--matmul-size", type=int, help="n of the n x n x n floor matmul (default 8192 on GPU, 1024 on CPU)")
     ap.add_argument("--read-floor-gb", type=float, default=8.0, help="read at most this much for the read floor (0: all)")
     ap.add_argument("--read-threads", type=int, default=4)

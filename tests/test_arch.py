@@ -163,7 +163,7 @@ def test_sample_rows_go_to_the_gpu_through_pinned_chunks_unchanged(monkeypatch):
     monkeypatch.setattr(layer_mod, "COPY_CHUNK", 4096)
     staged = []
     real = layer_mod._staged_copy
-    monkeypatch.setattr(layer_mod, "_staged_copy", lambda src, dst: (staged.append(src.numel()), real(src, dst)))
+    monkeypatch.setattr(layer_mod, "_staged_copy", lambda src, dst: (staged.append(len(src)), real(src, dst)))
     rows = torch.randn(300, 70, generator=torch.Generator().manual_seed(0))
     bits = rows.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     for values in (bits, rows.numpy()):
@@ -171,3 +171,8 @@ def test_sample_rows_go_to_the_gpu_through_pinned_chunks_unchanged(monkeypatch):
         assert got.is_cuda and got.dtype == torch.float32
         assert torch.equal(got.cpu(), decode_rows(values, "cpu"))
     assert staged == [bits.nbytes, rows.numpy().nbytes]
+    blocks = [bits[:100], bits[100:100], bits[100:]]  # row blocks (read-only views of a mapped file in a selection)
+    for b in blocks:
+        b.flags.writeable = False
+    assert torch.equal(decode_rows(blocks, "cuda").cpu(), decode_rows(bits, "cpu"))
+    assert staged[2:] == [bits[:100].nbytes, bits[100:].nbytes]

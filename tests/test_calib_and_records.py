@@ -13,7 +13,7 @@ import torch
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.data.calib import DOMAINS, block_counts, build_calibration, parse_spec
 from mop_ray.errors import MopError
-from mop_ray.observe.records import STAT_FIELDS, SampleWriter, bf16_bits, read_sample, read_stats, write_stats
+from mop_ray.observe.records import STAT_FIELDS, SampleWriter, bf16_bits, decode_rows, read_sample, read_stats, write_stats
 from mop_ray.plan import _split, plan_stages
 
 
@@ -101,7 +101,10 @@ def test_records_round_trip_through_parquet(tmp_path):
     np.testing.assert_array_equal(s.x, x)
     np.testing.assert_array_equal(s.z, z)
     np.testing.assert_array_equal(s.logits, lg)
-    assert torch.equal(s.tensor("x"), torch.from_numpy(x))
+    assert torch.equal(s.tensor("x"), torch.from_numpy(x)) and len(s) == 5
+    batches = s.batches("z")  # one per write, views of the mapped file: a GPU copy starts from them, not from s.z
+    assert [b.shape for b in batches] == [(2, 16), (3, 16)] and not any(b.flags.writeable for b in batches)
+    assert torch.equal(decode_rows(batches), torch.from_numpy(z))
 
     # a bfloat16 layer's rows are stored as their bits (uint16, half the bytes) and decode exactly
     xb = (torch.randn(5, 16) * 1e3).to(torch.bfloat16)
@@ -114,6 +117,7 @@ def test_records_round_trip_through_parquet(tmp_path):
     assert sb.x.dtype == np.uint16 and (other / "sample.arrow").stat().st_size < (layer / "sample.arrow").stat().st_size
     assert torch.equal(sb.tensor("x"), xb.float()) and torch.equal(sb.tensor("z"), zb.float())
     assert torch.equal(sb.tensor("z", dtype=torch.bfloat16).view(torch.int16), zb.view(torch.int16))
+    assert torch.equal(decode_rows(sb.batches("x")), xb.float())
     assert s.source == ["code", "math", "math", "code", "math"] and s.pos.tolist() == [0, 3, 6, 9, 12]
 
 

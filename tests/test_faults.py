@@ -45,18 +45,24 @@ def test_a_stage_lost_while_selecting_after_or_beside_observe(tiny_models, tmp_p
     """Selecting after observe (select_early=False), the stage selecting layer 2 dies: its layers go to tasks.
     Selecting beside observe, stage 0 (layers 0-1) dies in its worker thread selecting layer 1 while stage 1
     still observes layer 2: depending on when the process goes, observe restarts with fresh stages or the select
-    phase hands the stage's layers to tasks. Both outputs equal an undisturbed run's."""
+    phase hands the stage's layers to tasks. Both outputs equal an undisturbed run's. The undisturbed run and
+    the one losing a stage beside observe write shards while the stages select (``ShardsAhead``)."""
     model = tiny_models["deepseek_v3"]
-    kw = dict(stages=2, method="mop")
+    kw = dict(stages=2, method="mop", max_shard_size="100KB")
+
+    def phases(name):
+        return json.loads((tmp_path / f"{name}.run" / "manifest.json").read_text())["phases"]
+
     calm = run(small_job(model, tmp_path / "calm", **kw), log=lambda *_: None)
-    assert json.loads((tmp_path / "calm.run" / "manifest.json").read_text())["phases"]["select"]["in"] == "stages"
+    assert phases("calm")["select"]["in"] == "stages"
+    assert len(phases("calm")["write"]["written_ahead"]) > 1
 
     logs = []
     env = {"MOP_RAY_FAULT_EXIT": f"2:select:{tmp_path / 'after.marker'}"}
     hit = run(small_job(model, tmp_path / "after", extra={"fault_env": env}, select_early=False, **kw), log=logs.append)
     assert (tmp_path / "after.marker").exists()
     assert any("selecting in tasks instead" in line for line in logs), logs
-    assert json.loads((tmp_path / "after.run" / "manifest.json").read_text())["phases"]["select"]["in"] == "tasks"
+    assert phases("after")["select"]["in"] == "tasks" and phases("after")["write"]["written_ahead"] == []
     assert hit["keep_map"] == calm["keep_map"]
     assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "after")
 
@@ -67,6 +73,7 @@ def test_a_stage_lost_while_selecting_after_or_beside_observe(tiny_models, tmp_p
     assert any("restarting the phase" in line or "selecting in tasks instead" in line for line in logs), logs
     assert hit["keep_map"] == calm["keep_map"]
     assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "beside")
+    assert not (tmp_path / "beside.run" / "shards").exists() and not list(tmp_path.glob(".beside*"))
 
 
 def test_losing_a_node_during_observe(tiny_models, tmp_path, ray_local):

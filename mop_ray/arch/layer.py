@@ -15,6 +15,7 @@ import threading
 from collections import Counter
 from contextlib import ExitStack
 
+import numpy as np
 import torch
 
 from mop_ray.checkpoint.reader import Checkpoint
@@ -315,31 +316,46 @@ def to_device(module: torch.nn.Module, device: str | torch.device, dtype: torch.
     return module._apply(move)
 
 
-def host_to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
-    """A host tensor on ``device``; on CUDA staged through pinned chunks (``to_device``): a pageable copy would hold
-    the driver and stall every other thread's kernels meanwhile (a stage selecting beside its waves uploads ~1.5
-    GB of sample rows per Mixtral layer)."""
+def host_to_device(t, device: str | torch.device) -> torch.Tensor:
+    """A host tensor ``t`` on ``device`` — or the rows of host arrays ``t`` (a list of numpy [n_i, ...] of one
+    dtype, e.g. views of a memory-mapped file) concatenated there [Σ n_i, ...]. On CUDA staged through pinned
+    chunks (``to_device``): a pageable copy would hold the driver and stall every other thread's kernels meanwhile
+    (a stage selecting beside its waves uploads ~1.5 GB of sample rows per Mixtral layer)."""
     device = torch.device(device)
+    parts = t if isinstance(t, list) else None
     if device.type != "cuda":
-        return t.to(device)
-    out = torch.empty(t.shape, dtype=t.dtype, device=device)
-    if t.numel():
-        _staged_copy(t.reshape(-1).view(torch.uint8), out.view(-1).view(torch.uint8))
+        return torch.cat([torch.from_numpy(np.array(p)) for p in parts]) if parts is not None else t.to(device)
+    if parts is None:
+        out = torch.empty(t.shape, dtype=t.dtype, device=device)
+        if t.numel():
+            _staged_copy(t.reshape(-1).view(torch.uint8), out.view(-1).view(torch.uint8))
+        return out
+    dtype = torch.from_numpy(np.empty(0, dtype=parts[0].dtype)).dtype
+    out = torch.empty((sum(len(p) for p in parts),) + parts[0].shape[1:], dtype=dtype, device=device)
+    row = 0
+    for p in parts:
+        if p.size:
+            _staged_copy(np.ascontiguousarray(p).reshape(-1).view(np.uint8), out[row:row + len(p)].reshape(-1).view(torch.uint8))
+        row += len(p)
     return out
 
 
-def _staged_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Host bytes ``src`` → device bytes ``dst`` (both [n] uint8) through this thread's pinned buffers."""
+def _staged_copy(src, dst: torch.Tensor) -> None:
+    """Host bytes ``src`` (a uint8 tensor, or numpy array: read-only memory is fine) → device bytes ``dst`` ([n]
+    uint8) through this thread's pinned buffers."""
     if getattr(_STAGING, "size", 0) != COPY_CHUNK:
         _STAGING.buffers = [torch.empty(COPY_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         _STAGING.events = [torch.cuda.Event() for _ in range(2)]
         _STAGING.size = COPY_CHUNK
     stream = torch.cuda.current_stream(dst.device)
-    for j, start in enumerate(range(0, src.numel(), COPY_CHUNK)):
+    for j, start in enumerate(range(0, len(src), COPY_CHUNK)):
         buf, event = _STAGING.buffers[j % 2], _STAGING.events[j % 2]
         event.synchronize()  # this buffer's previous copy has left it
-        n = min(COPY_CHUNK, src.numel() - start)
-        buf[:n].copy_(src[start:start + n])  # a host memcpy: no CUDA call
+        n = min(COPY_CHUNK, len(src) - start)
+        if isinstance(src, np.ndarray):
+            buf[:n].numpy()[:] = src[start:start + n]  # a host memcpy (numpy lets go of the GIL)
+        else:
+            buf[:n].copy_(src[start:start + n])  # a host memcpy: no CUDA call
         dst[start:start + n].copy_(buf[:n], non_blocking=True)
         event.record(stream)
 

@@ -17,9 +17,12 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mop_ray.checkpoint.keepmap import normalise_keep_map
@@ -65,12 +68,14 @@ def _order_key(ckpt: Checkpoint, name: str) -> tuple:
     return (0 if "embed" in name else 2, 0, name)
 
 
-def plan_tensors(ckpt: Checkpoint, keep: dict[int, list[int]]) -> list[OutTensor]:
-    """Every output tensor with its final name and the source byte ranges it is copied from."""
+def plan_tensors(ckpt: Checkpoint, keep: dict[int, list[int]], names: list[str] | None = None) -> list[OutTensor]:
+    """Every output tensor (from the source tensors ``names`` when given) with its final name and the source byte
+    ranges it is copied from, ordered by final name: so with r experts kept in every layer, names, shapes and
+    their order, hence the shards, are the same whichever experts are kept (``ShardsAhead`` relies on it)."""
     fam = ckpt.family
     drop_layers = set(ckpt.mtp_layers)
     out: list[OutTensor] = []
-    for name in sorted(ckpt.tensors, key=lambda n: _order_key(ckpt, n)):
+    for name in ckpt.tensors if names is None else names:
         t = ckpt.tensors[name]
         layer = ckpt.layer_of(name)
         if layer in drop_layers:
@@ -88,7 +93,7 @@ def plan_tensors(ckpt: Checkpoint, keep: dict[int, list[int]]) -> list[OutTensor
             out.append(OutTensor(name, t.dtype, (len(kept),) + t.shape[1:], _rows(t, kept)))
         else:
             out.append(OutTensor(name, t.dtype, t.shape, [(t.path, t.start, t.nbytes)]))
-    return out
+    return sorted(out, key=lambda t: _order_key(ckpt, t.name))
 
 
 def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
@@ -117,6 +122,7 @@ class WriteResult:
     total_bytes: int
     source_bytes: int
     seconds: float
+    written_ahead: list[int] = field(default_factory=list)  # shards written while the experts were chosen (``ShardsAhead``), moved in
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -124,6 +130,79 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise MopError(f"--out {out}: exists and is a file; expected a new or empty directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MopError(f"--out {out}: directory is not empty; pass --overwrite to replace it")
+
+
+class ShardsAhead:
+    """Output shards written while the stages still choose experts.
+
+    With r experts kept in every MoE layer the output's tensors (names, shapes, order), hence its shards, are
+    known before any layer is chosen (``plan_tensors``); so each shard is written into ``directory`` (in the run
+    directory) as soon as every MoE layer it holds has been chosen (``offer``), and ``write_pruned(ahead=...)``
+    moves the shards whose layers ended up with the same experts into the output and writes the rest.
+    """
+
+    def __init__(self, ckpt: Checkpoint, directory: Path, r: int, max_shard_size: str | int, submit):
+        """``submit(directory, index, count, tensors)`` -> a concurrent Future of (file name, sha256)."""
+        self.ckpt, self.dir, self.r, self.submit = ckpt, Path(directory), r, submit
+        placeholder = {i: list(range(r)) for i in ckpt.moe_layers}
+        self.layout = plan_shards(plan_tensors(ckpt, placeholder), parse_size(max_shard_size))
+        moe = set(ckpt.moe_layers)
+        self.layers = [{ckpt.layer_of(t.name) for t in shard} & moe for shard in self.layout]
+        self._names: dict[int, list[str]] = defaultdict(list)  # MoE layer -> its source tensors
+        for name in ckpt.tensors:
+            if (layer := ckpt.layer_of(name)) in moe:
+                self._names[layer].append(name)
+        self.keep: dict[int, list[int]] = {}
+        self.started: dict[int, tuple[dict[int, list[int]], Future]] = {}  # shard -> (its layers' keep, write)
+        self._lock = threading.Lock()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        if (free := shutil.disk_usage(self.dir).free) < self.total_bytes:
+            self.dir.rmdir()
+            raise MopError(f"{self.dir}: the pruned checkpoint needs {self.total_bytes / 1e9:.2f} GB but only "
+                           f"{free / 1e9:.2f} GB are free there")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for shard in self.layout for t in shard)
+
+    def offer(self, layer: int, kept: list[int]) -> list[int]:
+        """Layer ``layer`` keeps ``kept``: start writing every shard whose MoE layers are all chosen now (shards with
+        none start at the first offer); -> those shards. A count other than r is ignored (``write_pruned`` then
+        writes the whole output)."""
+        with self._lock:
+            if len(kept) == self.r:
+                self.keep[int(layer)] = sorted(int(e) for e in kept)
+            started = []
+            for i, layers in enumerate(self.layers):
+                if i in self.started or not layers <= self.keep.keys():
+                    continue
+                keep = {j: self.keep[j] for j in layers}
+                own = {t.name: t for t in plan_tensors(self.ckpt, keep, [n for j in layers for n in self._names[j]])}
+                tensors = [own.get(t.name, t) for t in self.layout[i]]  # the rest does not depend on the keep-map
+                self.started[i] = (keep, self.submit(self.dir, i, len(self.layout), tensors))
+                started.append(i)
+            return started
+
+    def reusable(self, shards: list[list[OutTensor]], keep: dict[int, list[int]]) -> dict[int, Future]:
+        """The writes started for shards of the final plan ``shards`` whose layers keep what they were written
+        with: {shard: Future of (file name, sha256)}; none when the plan is not the layout written ahead."""
+        def signature(plan):
+            return [[(t.name, t.dtype, tuple(t.shape), t.nbytes) for t in shard] for shard in plan]
+
+        with self._lock:
+            if signature(shards) != signature(self.layout):
+                return {}
+            return {i: f for i, (k, f) in self.started.items() if all(keep[j] == ids for j, ids in k.items())}
+
+    def close(self) -> None:
+        """Wait for the writes still running (whatever they end in), then remove the directory."""
+        with self._lock:
+            futures = [f for _, f in self.started.values()]
+            self.started = {}
+        for f in futures:
+            f.exception()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def write_pruned(
@@ -136,14 +215,25 @@ def write_pruned(
     info: dict | None = None,
     shard_writer=None,
     allow_nonuniform: bool = False,
+    ahead: ShardsAhead | None = None,
 ) -> WriteResult:
     """Write ``src`` with only the experts in ``keep_map`` to ``out``, atomically.
 
     ``shard_writer(directory, plans) -> [(name, sha256)]`` may write the shards elsewhere (Ray tasks); by
     default they are written here, one after another. ``info`` is merged into ``pruning.json`` (method, parameters, scores).
     With ``allow_nonuniform`` layers may keep different counts; such a checkpoint is marked so that only
-    ``mop_ray.load_pruned`` loads it (``mop_ray.checkpoint.nonuniform``).
+    ``mop_ray.load_pruned`` loads it (``mop_ray.checkpoint.nonuniform``). ``ahead``: shards written while the
+    experts were chosen (``ShardsAhead``); those still right are moved in, and ``ahead`` is closed.
     """
+    try:
+        return _write_pruned(src, out, keep_map, max_shard_size, overwrite, info, shard_writer, allow_nonuniform, ahead)
+    finally:
+        if ahead is not None:
+            ahead.close()
+
+
+def _write_pruned(src, out, keep_map, max_shard_size, overwrite, info, shard_writer, allow_nonuniform,
+                  ahead: ShardsAhead | None) -> WriteResult:
     t0 = time.time()
     ckpt = src if isinstance(src, Checkpoint) else Checkpoint(src)
     out = Path(out).absolute()
@@ -154,13 +244,15 @@ def write_pruned(
     nonuniform = len(set(counts.values())) > 1
     shards = plan_shards(plan_tensors(ckpt, keep), parse_size(max_shard_size))
     total = sum(t.nbytes for s in shards for t in s)
+    reuse = ahead.reusable(shards, keep) if ahead is not None else {}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(out.parent).free
     except OSError as e:
         raise MopError(f"--out {out}: cannot create its parent directory ({e.strerror})") from None
-    if free < total:
-        raise MopError(f"--out {out}: needs {total / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free there")
+    need = total - sum(t.nbytes for i in reuse for t in shards[i])  # shards written ahead are moved, not copied
+    if free < need:
+        raise MopError(f"--out {out}: needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free there")
 
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -168,8 +260,18 @@ def write_pruned(
     except OSError as e:
         raise MopError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
     try:
-        plans = [(i, len(shards), s) for i, s in enumerate(shards)]
-        written = shard_writer(tmp, plans) if shard_writer else [write_one_shard(tmp, *p) for p in plans]
+        def write(indices):
+            plans = [(i, len(shards), shards[i]) for i in indices]
+            done = shard_writer(tmp, plans) if shard_writer else [write_one_shard(tmp, *p) for p in plans]
+            return dict(zip(indices, done))
+
+        written = write([i for i in range(len(shards)) if i not in reuse])
+        for i, f in reuse.items():  # written ahead: moved in (a write that failed is done again below)
+            if f.exception() is None:
+                written[i] = f.result()
+                os.replace(ahead.dir / written[i][0], tmp / written[i][0])
+        written.update(write([i for i in range(len(shards)) if i not in written]))
+        written = [written[i] for i in range(len(shards))]
         weight_map = {t.name: name for (name, _), s in zip(written, shards) for t in s}
         _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
         config = ckpt.family.patch_config(ckpt.config, r)
@@ -197,7 +299,8 @@ def write_pruned(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return WriteResult(out, len(shards), total, ckpt.total_bytes, time.time() - t0)
+    return WriteResult(out, len(shards), total, ckpt.total_bytes, time.time() - t0,
+                       sorted(i for i in reuse if reuse[i].exception() is None))
 
 
 def publish(tmp: Path, out: Path) -> None:

@@ -177,7 +177,7 @@ def gvp(ctx: LayerContext, r: int) -> Choice:
           summary="Mosaic Pruning: general experts + one specialist per Spearman/Ward cluster of domain errors")
 def mop(ctx: LayerContext, r: int) -> Choice:
     k_domains = r - split_general(r, ctx.params.get("general"), ctx.groups)
-    n_rows = len(ctx.records.sample.logits)
+    n_rows = len(ctx.records.sample)
     with ThreadPoolExecutor(max_workers=1) as pool:  # K-Means' random numbers, drawn while stage 1 runs
         draws = pool.submit(seeding_draws, n_rows, k_domains, ctx.seed) if 0 < k_domains < n_rows else None
         m, general, enu_details, s_var, prods, sample = _stage1(ctx, r)

@@ -15,9 +15,11 @@ Both are written to a temporary name and renamed, so a file that exists is compl
 
 from __future__ import annotations
 
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +52,21 @@ def host_rows(t) -> np.ndarray:
     return bf16_bits(t) if t.dtype == torch.bfloat16 else t.float().numpy()
 
 
-def decode_rows(values: np.ndarray, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """A sample matrix as a ``dtype`` tensor on ``device``; uint16 rows are bfloat16 bits, decoded on the device
-    (half the bytes over PCIe). Copies to a GPU go through pinned chunks (``host_to_device``)."""
+def decode_rows(values: np.ndarray | list[np.ndarray], device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """A sample matrix — or its row blocks, concatenated — as a ``dtype`` tensor on ``device``; uint16 rows are
+    bfloat16 bits, decoded on the device (half the bytes over PCIe). Copies to a GPU go through pinned chunks
+    (``host_to_device``), straight from the blocks (read-only views of a mapped file are fine)."""
     from mop_ray.arch.layer import host_to_device
 
-    if values.dtype == np.uint16:
-        return host_to_device(torch.from_numpy(values.view(np.int16)), device).view(torch.bfloat16).to(dtype)
-    return host_to_device(torch.from_numpy(np.ascontiguousarray(values)), device).to(dtype)
+    parts = values if isinstance(values, list) else [values]
+    bits = parts[0].dtype == np.uint16
+    parts = [p.view(np.int16) if bits else p for p in parts]
+    if isinstance(values, list):
+        host = parts
+    else:
+        host = torch.from_numpy(parts[0] if parts[0].flags.writeable else parts[0].copy())
+    out = host_to_device(host, device)
+    return (out.view(torch.bfloat16) if bits else out).to(dtype)
 
 
 class SampleWriter:
@@ -159,30 +168,60 @@ def read_stats(run_dir: str | Path, layer: int) -> LayerStats:
     return LayerStats(layer, sources, tokens, by_source)
 
 
-@dataclass
 class LayerSample:
-    x: np.ndarray  # [N, H] MoE inputs: float32, or uint16 bfloat16 bits (use ``tensor``)
-    z: np.ndarray  # [N, H] original MoE outputs, as x
-    logits: np.ndarray  # [N, E] float32 router logits
-    source: list[str]
-    block: np.ndarray  # [N] int32
-    pos: np.ndarray  # [N] int32
+    """One layer's sampled rows, memory-mapped from ``sample.arrow``: ``x``, ``z`` [N, H] (float32, or uint16 holding
+    bfloat16 bits) and ``logits`` [N, E] float32 as numpy, combined from the file's record batches on first use;
+    ``tensor`` moves one to a GPU batch by batch straight from the mapping (no host copy of the whole matrix);
+    ``source``, ``block``, ``pos``: per row."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table  # its buffers are views of the mapped file
+        self._matrices: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def batches(self, name: str) -> list[np.ndarray]:
+        """``name``'s rows per record batch, [n_i, D] read-only views of the mapped file."""
+        col = self.table[name]
+        return [c.flatten().to_numpy().reshape(len(c), col.type.list_size) for c in col.chunks if len(c)]
+
+    def matrix(self, name: str) -> np.ndarray:
+        """``name``'s rows [N, D], a writable host copy (made once)."""
+        if name not in self._matrices:
+            col = self.table[name]
+            parts = self.batches(name)
+            empty = np.empty((0, col.type.list_size), dtype=col.type.value_type.to_pandas_dtype())
+            self._matrices[name] = np.concatenate(parts) if parts else empty
+        return self._matrices[name]
+
+    x = property(lambda self: self.matrix("x"))
+    z = property(lambda self: self.matrix("z"))
+    logits = property(lambda self: self.matrix("logits"))
+
+    @cached_property
+    def source(self) -> list[str]:
+        return self.table["source"].to_pylist()
+
+    @cached_property
+    def block(self) -> np.ndarray:  # [N] int32
+        return self.table["block"].to_numpy()
+
+    @cached_property
+    def pos(self) -> np.ndarray:  # [N] int32
+        return self.table["pos"].to_numpy()
 
     def tensor(self, name: str, device="cpu", dtype=torch.float32) -> torch.Tensor:
         """``x``, ``z`` or ``logits`` as a ``dtype`` tensor on ``device`` (bfloat16 bits decoded there)."""
-        return decode_rows(getattr(self, name), device, dtype)
+        parts = self.batches(name) if torch.device(device).type == "cuda" and name not in self._matrices else []
+        return decode_rows(parts or self.matrix(name), device, dtype)
 
 
 def read_sample(run_dir: str | Path, layer: int) -> LayerSample:
-    table = pa.ipc.open_file(pa.memory_map(str(layer_dir(run_dir, layer) / "sample.arrow"))).read_all()
-
-    def matrix(name):  # writable: a single record batch comes back as a read-only view of the mapped file
-        col = table[name].combine_chunks()
-        arr = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-        return arr if arr.flags.writeable else arr.copy()
-
-    return LayerSample(matrix("x"), matrix("z"), matrix("logits"), table["source"].to_pylist(),
-                       table["block"].to_numpy(), table["pos"].to_numpy())
+    """``sample.arrow`` of ``layer``, mapped with its pages populated up front (one call, not a fault per page)."""
+    with open(layer_dir(run_dir, layer) / "sample.arrow", "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    return LayerSample(pa.ipc.open_file(pa.py_buffer(mapped)).read_all())
 
 
 class LayerRecords:
