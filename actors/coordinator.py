@@ -441,7 +441,8 @@ def run(job: PruneJob, log=print) -> dict:
                        allow_nonuniform=method.combine is not None, shard_writer=ray_shard_writer(runtime_env=fault_env),
                        ahead=ahead)
     manifest.mark("write", {"out": str(res.out), "shards": res.shards, "bytes": res.total_bytes, "seconds": round(res.seconds, 2),
-                            "written_ahead": res.written_ahead})
+                            "written_ahead": res.written_ahead,
+                            "ahead_unix": {str(i): ahead.times.get(i) for i in res.written_ahead} if ahead is not None else {}})
     out = Checkpoint(res.out)  # verify: the output parses, has the kept counts and every MoE router
     found = {i: out.experts_in(i) for i in out.moe_layers}
     if found != {i: len(v) for i, v in keep.items()}:

@@ -736,6 +736,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
         "cache_before_run": cache, "gpu_peak_torch_bytes": max(cuda_peaks) if cuda_peaks else None,
         "gpu_nvidia_smi": gpu_peak, "host_memory": host_peak, "stage_actors": stage_info, "select_tasks": select_info,
         "placement": obs.get("placement"), "keep_map": {str(k): v for k, v in res.get("keep_map", {}).items()},
+        "write": manifest["phases"].get("write"),  # shards written ahead, with their writes' start and end (unix)
         "resources": ray.cluster_resources(),
     }
     return result

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mop_ray.checkpoint.reader import Checkpoint
-from mop_ray.checkpoint.writer import ShardsAhead, parse_size, plan_shards, plan_tensors, write_one_shard, write_pruned
+from mop_ray.checkpoint.writer import ShardsAhead, parse_size, plan_output, write_one_shard, write_pruned
 
 
 def random_keep(ckpt: Checkpoint, r: int, seed: int) -> dict[int, list[int]]:
@@ -22,7 +22,7 @@ def random_keep(ckpt: Checkpoint, r: int, seed: int) -> dict[int, list[int]]:
 
 def layout(ckpt: Checkpoint, keep: dict, size: str = "100KB") -> list:
     return [[(t.name, t.dtype, tuple(t.shape), t.nbytes) for t in shard]
-            for shard in plan_shards(plan_tensors(ckpt, keep), parse_size(size))]
+            for shard in plan_output(ckpt, keep, parse_size(size))]
 
 
 def output(out) -> tuple[dict, dict]:
@@ -39,12 +39,15 @@ def twelve_experts(tmp_path_factory):
 
 
 def test_the_shard_layout_does_not_depend_on_which_experts_are_kept(tiny_models, family, twelve_experts):
+    """... and the last MoE layer, the last one chosen, has shards of its own: all else can be written ahead."""
     for path in (tiny_models[family], twelve_experts):
         ckpt = Checkpoint(path)
         first = layout(ckpt, {i: list(range(4)) for i in ckpt.moe_layers})
         assert len(first) > 2
         for seed in range(3):
             assert layout(ckpt, random_keep(ckpt, 4, seed)) == first
+        last = [{ckpt.layer_of(name) == max(ckpt.moe_layers) for name, *_ in shard} for shard in first]
+        assert last[-1] == {True} and all(kinds in ({True}, {False}) for kinds in last)
 
 
 def local_submit(pool: ThreadPoolExecutor, submitted: list, fail: set = frozenset()):
@@ -80,6 +83,7 @@ def test_shards_start_once_their_layers_are_chosen_and_equal_a_write_after_selec
     assert output(tmp_path / "ahead") == output(tmp_path / "after")
     assert res.written_ahead == [i for i, layers in enumerate(ahead.layers) if second not in layers]
     assert ref.written_ahead == [] and 0 < len(res.written_ahead) < shards
+    assert sorted(ahead.times) == list(range(shards)) and all(a <= b for a, b in ahead.times.values())
     assert not (tmp_path / "run" / "shards").exists()
     pruning = json.loads((tmp_path / "ahead" / "pruning.json").read_text())
     assert pruning["shards"] == json.loads((tmp_path / "after" / "pruning.json").read_text())["shards"]  # sha256s

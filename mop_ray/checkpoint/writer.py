@@ -1,6 +1,6 @@
 """Write the pruned checkpoint: streamed shards, index, patched config, copied tokenizer files, pruning.json.
 
-Everything is planned from source headers before a byte is written (``plan_tensors`` → ``plan_shards``),
+Everything is planned from source headers before a byte is written (``plan_output``: ``plan_tensors`` → ``plan_shards``),
 so each output shard is a pure function of (source, keep-map) and can be written by any worker
 (``write_one_shard``), in any order, and retried. ``publish`` writes into a temporary sibling directory
 and renames it into place only when complete, so ``--out`` never holds a partial checkpoint.
@@ -62,10 +62,11 @@ def _rows(t: TensorInfo, rows: list[int]) -> list[tuple[Path, int, int]]:
 
 
 def _order_key(ckpt: Checkpoint, name: str) -> tuple:
+    """Embedding, then the other tensors outside layers (final norm, LM head), then the layers in order."""
     layer = ckpt.layer_of(name)
     if layer is not None:
-        return (1, layer, name)
-    return (0 if "embed" in name else 2, 0, name)
+        return (2, layer, name)
+    return (0 if "embed" in name else 1, 0, name)
 
 
 def plan_tensors(ckpt: Checkpoint, keep: dict[int, list[int]], names: list[str] | None = None) -> list[OutTensor]:
@@ -96,12 +97,22 @@ def plan_tensors(ckpt: Checkpoint, keep: dict[int, list[int]], names: list[str] 
     return sorted(out, key=lambda t: _order_key(ckpt, t.name))
 
 
-def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
-    """Consecutive tensors packed into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+def plan_output(ckpt: Checkpoint, keep: dict[int, list[int]], max_shard_bytes: int) -> list[list[OutTensor]]:
+    """The output's shards: ``plan_tensors`` packed by ``plan_shards``, the last MoE layer starting a shard of its
+    own — the last layer chosen, so a shard written ahead (``ShardsAhead``) holds everything else."""
+    tensors = plan_tensors(ckpt, keep)
+    last = max(ckpt.moe_layers)
+    first_of_last = next((t.name for t in tensors if ckpt.layer_of(t.name) == last), None)
+    return plan_shards(tensors, max_shard_bytes, first_of_last)
+
+
+def plan_shards(tensors: list, max_shard_bytes: int, break_at: str | None = None) -> list[list]:
+    """Consecutive tensors packed into shards of at most max_shard_bytes (a bigger tensor gets its own); the tensor
+    named ``break_at`` starts a new shard."""
     shards: list[list[OutTensor]] = [[]]
     size = 0
     for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
+        if shards[-1] and (size + t.nbytes > max_shard_bytes or (break_at is not None and t.name == break_at)):
             shards.append([])
             size = 0
         shards[-1].append(t)
@@ -145,7 +156,7 @@ class ShardsAhead:
         """``submit(directory, index, count, tensors)`` -> a concurrent Future of (file name, sha256)."""
         self.ckpt, self.dir, self.r, self.submit = ckpt, Path(directory), r, submit
         placeholder = {i: list(range(r)) for i in ckpt.moe_layers}
-        self.layout = plan_shards(plan_tensors(ckpt, placeholder), parse_size(max_shard_size))
+        self.layout = plan_output(ckpt, placeholder, parse_size(max_shard_size))
         moe = set(ckpt.moe_layers)
         self.layers = [{ckpt.layer_of(t.name) for t in shard} & moe for shard in self.layout]
         self._names: dict[int, list[str]] = defaultdict(list)  # MoE layer -> its source tensors
@@ -154,6 +165,7 @@ class ShardsAhead:
                 self._names[layer].append(name)
         self.keep: dict[int, list[int]] = {}
         self.started: dict[int, tuple[dict[int, list[int]], Future]] = {}  # shard -> (its layers' keep, write)
+        self.times: dict[int, list[float | None]] = {}  # shard -> [unix time its write started, ended]
         self._lock = threading.Lock()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
@@ -180,7 +192,9 @@ class ShardsAhead:
                 keep = {j: self.keep[j] for j in layers}
                 own = {t.name: t for t in plan_tensors(self.ckpt, keep, [n for j in layers for n in self._names[j]])}
                 tensors = [own.get(t.name, t) for t in self.layout[i]]  # the rest does not depend on the keep-map
+                self.times[i] = [time.time(), None]
                 self.started[i] = (keep, self.submit(self.dir, i, len(self.layout), tensors))
+                self.started[i][1].add_done_callback(lambda _, i=i: self.times[i].__setitem__(1, time.time()))
                 started.append(i)
             return started
 
@@ -242,7 +256,7 @@ def _write_pruned(src, out, keep_map, max_shard_size, overwrite, info, shard_wri
     counts = {layer: len(ids) for layer, ids in keep.items()}
     r = max(counts.values())
     nonuniform = len(set(counts.values())) > 1
-    shards = plan_shards(plan_tensors(ckpt, keep), parse_size(max_shard_size))
+    shards = plan_output(ckpt, keep, parse_size(max_shard_size))
     total = sum(t.nbytes for s in shards for t in s)
     reuse = ahead.reusable(shards, keep) if ahead is not None else {}
     try:
