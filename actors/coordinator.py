@@ -415,7 +415,8 @@ def run(job: PruneJob, log=print) -> dict:
             if method.needs_records:
                 t = time.time()
                 live = prestart_stages(job, ckpt, run_dir, manifest, log)  # they load while calibration tokenises
-                if live is not None and job.write_early and select_ahead(job, ckpt, True) and method.combine is None:
+                selects_beside = job.select_early and method.needs_weights  # as select_ahead decides for kept stages
+                if live is not None and selects_beside and job.write_early and method.combine is None:
                     ahead = shards_ahead(ckpt, Path(job.out).absolute(), run_dir, job.keep, job.max_shard_size, fault_env, log)
                 calib = calibrate(job, ckpt, run_dir, manifest, log)
                 timings["calibrate_s"] = round(time.time() - t, 2)

@@ -101,8 +101,8 @@ def plan_output(ckpt: Checkpoint, keep: dict[int, list[int]], max_shard_bytes: i
     """The output's shards: ``plan_tensors`` packed by ``plan_shards``, the last MoE layer starting a shard of its
     own — the last layer chosen, so a shard written ahead (``ShardsAhead``) holds everything else."""
     tensors = plan_tensors(ckpt, keep)
-    last = max(ckpt.moe_layers)
-    first_of_last = next((t.name for t in tensors if ckpt.layer_of(t.name) == last), None)
+    last = max(ckpt.moe_layers, default=None)
+    first_of_last = next((t.name for t in tensors if last is not None and ckpt.layer_of(t.name) == last), None)
     return plan_shards(tensors, max_shard_bytes, first_of_last)
 
 
