@@ -45,7 +45,9 @@ L, S sampled tokens per MoE layer; parameters P are counted from the checkpoint'
       = 23.1 GFLOP; per dense layer 2·(3·7168·18432 + 187.1M) + 84M = 1.25 GFLOP (L = 2048).
   select, methods that recompute experts (mop, gvp, enu, cprune: ``needs_weights``): per MoE layer every
       expert on the S sampled tokens 2·S·(E·3·H·I_moe + P_shared) + the products 2·S·(E + c²)·H, c = candidate
-      experts per token (E under DeepSeek groups or E <= 32). Record-only methods (reap, frequency, ...): 0.
+      experts per token (E under DeepSeek groups or E <= 32); 0 for layers of at most
+      ``mop_ray.methods.products.RECORD_UP_TO`` experts (Mixtral), whose sampled rows carry the products the
+      observer computed from its all-experts pass. Record-only methods (reap, frequency, ...): 0.
   calibrate (tokenisation) and write (byte copies) have no compute floor.
 Read floors (bytes / measured read GB/s): observe: every decoder layer's tensors + the embedding (what the
   stages load); select: the records each task reads (sample + stats Parquet) + for ``needs_weights`` methods
@@ -538,8 +540,10 @@ def observe_flops(costs: dict, tokens: int, seq_len: int, layers=None) -> float:
 def select_flops(costs: dict, ckpt, method, sample_rows: dict[int, int], keep: int) -> float:
     if not method.needs_weights:
         return 0.0
-    from mop_ray.methods.products import candidate_count
+    from mop_ray.methods.products import RECORD_UP_TO, candidate_count
 
+    if costs["experts"] <= RECORD_UP_TO:  # the observer recorded the sample's products: no expert runs again
+        return 0.0
     spec = ckpt.family.router_spec(ckpt.config)
     c = candidate_count(spec, costs["experts"], keep)
     total = 0.0

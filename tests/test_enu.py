@@ -88,6 +88,30 @@ def test_fast_losses_equal_masked_forward_losses(tiny_models, records, family):
     assert set_loss(prods, batch, torch.ones(8, dtype=torch.bool)) == pytest.approx(0, abs=1e-5)
 
 
+def test_the_observers_recorded_products_equal_running_the_experts_again(tiny_models, records, family, monkeypatch):
+    """Layers of few experts carry each sampled row's Gram in the records (the observer has every expert's output
+    anyway); selection takes them instead of running the experts on the sample again — and gets the products
+    that running them again gives."""
+    from mop_ray.arch import experts as experts_mod
+    from mop_ray.methods.products import expert_products
+
+    ckpt = Checkpoint(tiny_models[family])
+    ctx = LayerContext(ckpt.moe_layers[-1], ckpt.num_experts, ckpt.top_k, 1, model_dir=str(ckpt.path),
+                       records=LayerRecords(records(family), ckpt.moe_layers[-1]))
+    sample = ctx.records.sample
+    assert sample.has_products and sample.table["gram"].type.list_size == (ckpt.num_experts + 2) ** 2
+    with monkeypatch.context() as m:  # no expert runs for the recorded products
+        m.setattr(experts_mod.torch.nn.functional, "linear", None)
+        recorded, _, (moe, _, _) = layer_products(ctx, min_kept=2)
+    assert recorded.runner is None
+    again = expert_products(moe, ckpt.family, recorded.spec, sample.tensor("x"), sample.tensor("z"),
+                            sample.tensor("logits"), min_kept=2)
+    for name in ("yy", "yf", "ff", "gram", "cand", "pos"):
+        a, b = getattr(recorded, name), getattr(again, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9 * float(b.abs().max()), msg=name)
+
+
 def test_greedy_equals_literal_greedy(tiny_models, records, family):
     ctx, prods, batch, moe, x, z = setup(family, tiny_models, records)
     spec = prods.spec

@@ -98,11 +98,13 @@ def plan_tensors(ckpt: Checkpoint, keep: dict[int, list[int]], names: list[str] 
 
 
 def plan_output(ckpt: Checkpoint, keep: dict[int, list[int]], max_shard_bytes: int) -> list[list[OutTensor]]:
-    """The output's shards: ``plan_tensors`` packed by ``plan_shards``, the last MoE layer starting a shard of its
-    own — the last layer chosen, so a shard written ahead (``ShardsAhead``) holds everything else."""
+    """The output's shards: ``plan_tensors`` packed by ``plan_shards``; when it takes more than one shard, the last
+    MoE layer starts a shard of its own — the last layer chosen, so a shard written ahead (``ShardsAhead``) holds
+    everything else."""
     tensors = plan_tensors(ckpt, keep)
     last = max(ckpt.moe_layers, default=None)
-    first_of_last = next((t.name for t in tensors if last is not None and ckpt.layer_of(t.name) == last), None)
+    several = sum(t.nbytes for t in tensors) > max_shard_bytes
+    first_of_last = next((t.name for t in tensors if several and ckpt.layer_of(t.name) == last), None)
     return plan_shards(tensors, max_shard_bytes, first_of_last)
 
 

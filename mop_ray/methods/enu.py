@@ -22,7 +22,7 @@ import torch
 
 from mop_ray.methods.base import Choice, LayerContext, register
 from mop_ray.methods.greedy import greedy, trial_losses
-from mop_ray.methods.products import ExpertProducts, expert_products
+from mop_ray.methods.products import ExpertProducts, candidate_count, expert_products, recorded_products
 
 DEFAULT_MAX_SETS = 5000
 DEFAULT_BATCHES = 16
@@ -34,11 +34,15 @@ def layer_products(ctx: LayerContext, min_kept: int) -> tuple[ExpertProducts, to
     moe, ckpt = ctx.moe_block()
     spec = ckpt.family.router_spec(ckpt.config)
     dev = ctx.device
-    x = sample.tensor("x", dev)  # [N, H] float32
-    z = sample.tensor("z", dev)  # [N, H] float32
     logits = sample.tensor("logits", dev)  # [N, E] float32
     cap = ctx.params.get("enu_candidates")
-    prods = expert_products(moe, ckpt.family, spec, x, z, logits, min_kept, None if cap is None else int(cap))
+    n = logits.shape[1]
+    if sample.has_products and cap is None and candidate_count(spec, n, min_kept) == candidate_count(spec, n, min_kept, n):
+        prods = recorded_products(moe, spec, *sample.products(dev), logits, min_kept)  # the observer's: no expert runs
+    else:
+        x = sample.tensor("x", dev)  # [N, H] float32
+        z = sample.tensor("z", dev)  # [N, H] float32
+        prods = expert_products(moe, ckpt.family, spec, x, z, logits, min_kept, None if cap is None else int(cap))
     n_batches = int(ctx.params.get("enu_batches", DEFAULT_BATCHES))
     n_blocks = int(sample.block.max()) + 1
     per = math.ceil(n_blocks / n_batches)

@@ -28,6 +28,7 @@ from mop_ray.arch import RouterSpec, route
 from mop_ray.arch.experts import expert_forward
 
 DEFAULT_MAX_CANDIDATES = 64
+RECORD_UP_TO = 16  # experts: up to this many, each sampled row carries its Gram (the observer has the outputs)
 
 
 class ExpertRunner:
@@ -37,9 +38,7 @@ class ExpertRunner:
         self.moe, self.family, self.x, self.z, self.prec = moe, family, x, z, prec
         self.n_experts = moe.experts.gate_up_proj.shape[0]
         self.dtype = moe.experts.gate_up_proj.dtype
-        # on CUDA, bf16/fp16 expert outputs stay in their dtype (that is all the information they hold) and
-        # products accumulate in float32 (bmm out_dtype); elsewhere they are upcast to ``prec`` first
-        self.store = self.dtype if x.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16) else prec
+        self.store = product_dtypes(self.dtype, x.device)[1]
 
     def chunk_tokens(self) -> int:
         """Tokens per chunk so that one chunk's expert outputs [n, E, H] stay within a memory budget."""
@@ -60,15 +59,50 @@ class ExpertRunner:
         y = self.z[tokens].to(self.prec) - (shared.to(self.prec) if shared is not None else 0)  # [m, H]
         ids = list(range(self.n_experts)) if experts is None else experts
         n = len(ids)
-        rows = -(-(n + 2) // 16) * 16 if append_y else n  # a multiple of 16 keeps the Gram on tensor cores
-        f = torch.empty(xs.shape[0], rows, xs.shape[1], dtype=self.store, device=xs.device)  # [m, E(+pad), H]
-        for j, e in enumerate(ids):
+        f = torch.empty(xs.shape[0], gram_rows(n) if append_y else n, xs.shape[1], dtype=self.store, device=xs.device)
+        for j, e in enumerate(ids):  # f [m, E(+pad), H]
             f[:, j] = expert_forward(self.moe.experts, xs, e)
         if append_y:
-            f[:, n] = y  # rounded to ``store``
-            f[:, n + 1] = y - f[:, n].to(y.dtype)  # the rounding error: y = hi + lo to ~2^-16 relative in half
-            f[:, n + 2:] = 0
+            _append_y(f, n, y)
         return f, y
+
+
+def product_dtypes(weight_dtype: torch.dtype, device) -> tuple[torch.dtype, torch.dtype]:
+    """(prec, store) of the per-token products: float64 products for float32 weights, float32 for half ones; on
+    CUDA, half expert outputs stay in their dtype (that is all the information they hold) and products accumulate
+    in float32 (bmm out_dtype); elsewhere they are upcast to ``prec`` first."""
+    prec = torch.float64 if weight_dtype in (torch.float32, torch.float64) else torch.float32
+    half = weight_dtype in (torch.bfloat16, torch.float16)
+    return prec, weight_dtype if torch.device(device).type == "cuda" and half else prec
+
+
+def gram_rows(n_experts: int) -> int:
+    """Rows of f for a Gram with y appended: E experts + y's two parts, padded to a multiple of 16 (tensor cores)."""
+    return -(-(n_experts + 2) // 16) * 16
+
+
+def _append_y(f: torch.Tensor, n: int, y: torch.Tensor) -> None:
+    """Rows n and n+1 of f [m, rows, H] := y's parts in f's dtype (y = hi + lo, to ~2^-16 relative in half), rest 0."""
+    f[:, n] = y  # rounded to f's dtype
+    f[:, n + 1] = y - f[:, n].to(y.dtype)  # the rounding error
+    f[:, n + 2:] = 0
+
+
+def row_products(outputs: list[torch.Tensor], y: torch.Tensor, store: torch.dtype) -> torch.Tensor:
+    """Per token, the Gram of its expert outputs f_e [m, H] (in order) and of y = z − s [m, H]: [m, E+2, E+2]
+    (rows/columns E, E+1: y's two parts), float32 or better — what ``expert_products`` reduces, for rows whose
+    expert outputs are already computed (the observer records it with the sample when E ≤ ``RECORD_UP_TO``)."""
+    n, (m, h) = len(outputs), y.shape
+    rows = gram_rows(n)
+    g = torch.empty(m, n + 2, n + 2, dtype=torch.float64 if store == torch.float64 else torch.float32, device=y.device)
+    step = max(1, (256 << 20) // (rows * h * torch.finfo(store).bits // 8))  # f of ≤ 256 MiB at a time
+    for a in range(0, m, step):
+        f = torch.empty(min(step, m - a), rows, h, dtype=store, device=y.device)  # [m', E+pad, H]
+        for j, fe in enumerate(outputs):
+            f[:, j] = fe[a:a + step]
+        _append_y(f, n, y[a:a + step])
+        g[a:a + step] = bmm32(f, f.transpose(1, 2))[:, :n + 2, :n + 2]
+    return g
 
 
 def bmm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -232,6 +266,28 @@ def layer_selection_bytes(ckpt, n_tokens: int, half_weights: bool) -> int:
     return selection_bytes(n_tokens, ckpt.num_experts, int(ckpt.config["hidden_size"]), c, half_weights)
 
 
+def _candidates(spec: RouterSpec, logits: torch.Tensor, bias: torch.Tensor | None, c: int):
+    """(choice [N, E], cand [N, c] each token's c best experts by router choice, pos [N, E] their positions, -1 else)."""
+    n_tokens, n_experts = logits.shape
+    device = logits.device
+    choice = choice_scores(spec, logits, bias)  # [N, E]
+    cand = choice.topk(c, dim=-1).indices if c < n_experts else torch.arange(n_experts, device=device).expand(n_tokens, -1)
+    cand = cand.contiguous()  # [N, c]
+    pos = torch.full((n_tokens, n_experts), -1, dtype=torch.long, device=device)
+    pos.scatter_(1, cand, torch.arange(c, device=device).expand(n_tokens, -1).contiguous())
+    return choice, cand, pos
+
+
+def _reduce(g: torch.Tensor, n_experts: int, cand: torch.Tensor, c: int):
+    """From per-token Grams g [n, ≥E+2, ≥E+2] with y's parts at E, E+1: ⟨y, f_e⟩, ‖f_e‖² [n, E] float64 and the
+    Gram over each token's candidates cand [n, c] -> [n, c, c]."""
+    yf = (g[:, n_experts, :n_experts] + g[:, n_experts + 1, :n_experts]).double()  # [n, E]
+    ff = g[:, :n_experts, :n_experts].diagonal(dim1=1, dim2=2).double()  # [n, E]
+    if c < n_experts:
+        g = g.gather(1, cand[:, :, None].expand(-1, -1, g.shape[2])).gather(2, cand[:, None, :].expand(-1, c, -1))
+    return yf, ff, g[:, :c, :c]
+
+
 @torch.no_grad()
 def expert_products(moe, family, spec: RouterSpec, x: torch.Tensor, z: torch.Tensor, logits: torch.Tensor,
                     min_kept: int, max_candidates: int | None = None) -> ExpertProducts:
@@ -242,14 +298,8 @@ def expert_products(moe, family, spec: RouterSpec, x: torch.Tensor, z: torch.Ten
     bias = getattr(moe.gate, "e_score_correction_bias", None)
     bias = bias.float() if bias is not None else None
     logits = logits.float().to(device)
-    choice = choice_scores(spec, logits, bias)  # [N, E]
-    cand = choice.topk(c, dim=-1).indices if c < n_experts else torch.arange(n_experts, device=device).expand(n_tokens, -1)
-    cand = cand.contiguous()  # [N, c]
-    pos = torch.full((n_tokens, n_experts), -1, dtype=torch.long, device=device)
-    pos.scatter_(1, cand, torch.arange(c, device=device).expand(n_tokens, -1).contiguous())
-
-    dtype = moe.experts.gate_up_proj.dtype
-    prec = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+    choice, cand, pos = _candidates(spec, logits, bias, c)
+    prec = product_dtypes(moe.experts.gate_up_proj.dtype, device)[0]
     runner = ExpertRunner(moe, family, x, z, prec)
     yy = torch.empty(n_tokens, dtype=torch.float64, device=device)
     yf = torch.empty(n_tokens, n_experts, dtype=torch.float64, device=device)
@@ -262,11 +312,22 @@ def expert_products(moe, family, spec: RouterSpec, x: torch.Tensor, z: torch.Ten
         g = bmm32(f, f.transpose(1, 2))  # [n, E+pad, E+pad]: one compute-bound pass over the outputs
         del f
         yy[sl] = y.pow(2).sum(-1).double()
-        yf[sl] = (g[:, n_experts, :n_experts] + g[:, n_experts + 1, :n_experts]).double()  # [n, E]
-        ff[sl] = g[:, :n_experts, :n_experts].diagonal(dim1=1, dim2=2).double()  # [n, E]
-        if c < n_experts:
-            ci = cand[sl]  # [n, c]
-            g = g.gather(1, ci[:, :, None].expand(-1, -1, g.shape[2])).gather(2, ci[:, None, :].expand(-1, c, -1))
-        gram[sl] = g[:, :c, :c]  # [n, c, c]
+        yf[sl], ff[sl], gram[sl] = _reduce(g, n_experts, cand[sl], c)
         del g
     return ExpertProducts(yy, yf, ff, cand, pos, gram, logits, choice, bias, spec, runner)
+
+
+def recorded_products(moe, spec: RouterSpec, g: torch.Tensor, yy: torch.Tensor, logits: torch.Tensor,
+                      min_kept: int) -> ExpertProducts:
+    """``expert_products`` from the Grams the observer recorded with the sample (g [N, E+2, E+2], ‖y‖² yy [N]):
+    no expert runs again. Only where every candidate list is exact (no expert runner to rebuild one)."""
+    n_tokens, n_experts = logits.shape
+    c = candidate_count(spec, n_experts, min_kept)
+    if c != candidate_count(spec, n_experts, min_kept, n_experts):
+        raise ValueError(f"recorded products need exact candidate lists; {c} candidates of {n_experts} are capped")
+    bias = getattr(moe.gate, "e_score_correction_bias", None)
+    bias = bias.float() if bias is not None else None
+    logits = logits.float().to(g.device)
+    choice, cand, pos = _candidates(spec, logits, bias, c)
+    yf, ff, gram = _reduce(g, n_experts, cand, c)
+    return ExpertProducts(yy.double(), yf, ff, cand, pos, gram.contiguous(), logits, choice, bias, spec)

@@ -122,14 +122,18 @@ class MoEObserver:
         self.tokens += np.bincount(source.numpy(), minlength=self.n_sources)
 
         if self.sample_writer is not None and sample is not None:
-            self._record_sample(x, z, logits, source, sample, block, pos)
+            self._record_sample(moe, x, z, logits, source, sample, block, pos, outputs, shared)
 
-    def _record_sample(self, x, z, logits, source, sample, block, pos) -> None:
+    def _record_sample(self, moe, x, z, logits, source, sample, block, pos, outputs, shared) -> None:
+        from mop_ray.methods.products import RECORD_UP_TO  # here: mop_ray.methods imports this module
+
         rows_host = sample.nonzero().squeeze(1)  # [N] sampled token indices, known on the host: no device sync
         if len(rows_host) == 0:
             return
         rows = rows_host.to(x.device)
         parts = [t.index_select(0, rows) for t in (x, z, logits)]  # [N, H], [N, H], [N, E]
+        if self.n_experts <= RECORD_UP_TO:  # the rows' expert products, so selection runs no expert again
+            parts += self._row_products(moe, parts[0], parts[1], rows, outputs, shared)  # [N, E+2, E+2], [N]
         if not (x.dtype == torch.bfloat16 and z.dtype == torch.bfloat16):  # bf16 rows are stored as their bits
             parts[:2] = [t.float() for t in parts[:2]]  # the sampled rows only, not all T
         ready = None
@@ -140,5 +144,19 @@ class MoEObserver:
             ready = torch.cuda.Event()
             ready.record()
             parts = host
-        self.sample_writer.write(*parts, source=source[rows_host].numpy(), block=block[rows_host].numpy(),
-                                 pos=pos[rows_host].numpy(), ready=ready)
+        x, z, logits, *products = parts
+        self.sample_writer.write(x, z, logits, source=source[rows_host].numpy(), block=block[rows_host].numpy(),
+                                 pos=pos[rows_host].numpy(), ready=ready, gram=products[0] if products else None,
+                                 yy=products[1] if products else None)
+
+    def _row_products(self, moe, xs, zs, rows, outputs, shared) -> list[torch.Tensor]:
+        """[Gram [N, E+2, E+2], ‖y‖² [N]] of the sampled rows (``row_products``) from the all-experts pass's outputs
+        (or the rows' own, when the block ran as it is), y = z − shared: what ``expert_products`` computes from
+        the sample, without running the experts again."""
+        from mop_ray.methods.products import product_dtypes, row_products
+
+        prec, store = product_dtypes(moe.experts.gate_up_proj.dtype, xs.device)
+        f = ([o.index_select(0, rows) for o in outputs] if outputs is not None
+             else [expert_forward(moe.experts, xs, e) for e in range(self.n_experts)])  # [N, H] each
+        y = zs.to(prec) - (shared.index_select(0, rows).to(prec) if shared is not None else 0)  # [N, H]
+        return [row_products(f, y, store), y.pow(2).sum(-1).double()]

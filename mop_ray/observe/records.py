@@ -5,7 +5,10 @@ tokens of that source), and the float64 sums of ``STAT_FIELDS`` (see ``mop_ray.o
 ``sample.arrow`` (Arrow IPC file, one record batch per micro-batch): one row per sampled token: ``block``,
 ``pos`` (int32), ``source`` (string), ``x``, ``z`` (fixed_size_list[H]: MoE input and original output;
 float32, or uint16 holding the bfloat16 bits when the layer ran in bfloat16 — exact, half the bytes to copy,
-write and read back), ``logits`` (fixed_size_list<float32>[E]). The sample is Arrow IPC rather than Parquet because it is
+write and read back), ``logits`` (fixed_size_list<float32>[E]); for layers of at most
+``mop_ray.methods.products.RECORD_UP_TO`` experts also ``gram`` (fixed_size_list[(E+2)²], float32 or float64: the
+row's expert outputs' and y's Gram, ``row_products``) and ``yy`` (float64, ‖y‖²), so that selection runs no expert
+again. The sample is Arrow IPC rather than Parquet because it is
 gigabytes of dense floats: Parquet encodes a definition level per list element (measured on an H100 node:
 the stage's sample writing took 8x its compute), while IPC writes the buffers as they are and is read back
 memory-mapped. Rows are written by a background thread so the stage's next micro-batch overlaps the write.
@@ -84,21 +87,27 @@ class SampleWriter:
         self.pending: list = []
         self.max_pending = max_pending
 
-    def write(self, x, z, logits, source, block, pos, ready=None) -> None:
+    def write(self, x, z, logits, source, block, pos, ready=None, gram=None, yy=None) -> None:
+        """``gram`` [N, E+2, E+2] and ``yy`` [N]: the rows' expert products (``row_products``), when recorded."""
         self.rows += len(block)
         while len(self.pending) >= self.max_pending:
             self.pending.pop(0).result()  # re-raises a failed write here
-        self.pending.append(self.pool.submit(self._write, x, z, logits, source, block, pos, ready))
+        self.pending.append(self.pool.submit(self._write, x, z, logits, source, block, pos, ready, gram, yy))
 
-    def _write(self, x, z, logits, source, block, pos, ready=None) -> None:
+    def _write(self, x, z, logits, source, block, pos, ready=None, gram=None, yy=None) -> None:
         if ready is not None:
             ready.synchronize()
         x, z, logits = host_rows(x), host_rows(z), host_rows(logits)
-        table = pa.table({
+        columns = {
             "block": pa.array(block.astype(np.int32)), "pos": pa.array(pos.astype(np.int32)),
             "source": pa.array([self.sources[i] for i in source], pa.string()),
             "x": _fixed(x), "z": _fixed(z), "logits": _fixed(logits),
-        })
+        }
+        if gram is not None:  # float32 or float64, as computed
+            g = np.ascontiguousarray(gram.numpy() if isinstance(gram, torch.Tensor) else gram)
+            columns["gram"] = pa.FixedSizeListArray.from_arrays(pa.array(g.reshape(-1)), g.shape[1] * g.shape[2])
+            columns["yy"] = pa.array(np.asarray(yy.numpy() if isinstance(yy, torch.Tensor) else yy, dtype=np.float64))
+        table = pa.table(columns)
         if self.writer is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             self.sink = pa.OSFile(str(self.tmp), "wb")
@@ -211,8 +220,23 @@ class LayerSample:
     def pos(self) -> np.ndarray:  # [N] int32
         return self.table["pos"].to_numpy()
 
+    @property
+    def has_products(self) -> bool:
+        """Whether the observer recorded each row's expert products (``gram``, ``yy``)."""
+        return "gram" in self.table.column_names
+
+    def products(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The recorded per-row Grams [N, E+2, E+2] (float32 or float64, as recorded) and ‖y‖² [N] float64 on
+        ``device`` (``mop_ray.methods.products.row_products``)."""
+        width = self.table["gram"].type.list_size
+        stored = torch.from_numpy(np.empty(0, dtype=self.table["gram"].type.value_type.to_pandas_dtype())).dtype
+        g = self.tensor("gram", device, dtype=stored)
+        side = int(round(width ** 0.5))
+        yy = torch.from_numpy(self.table["yy"].to_numpy()).to(device)
+        return g.view(len(self), side, side), yy
+
     def tensor(self, name: str, device="cpu", dtype=torch.float32) -> torch.Tensor:
-        """``x``, ``z`` or ``logits`` as a ``dtype`` tensor on ``device`` (bfloat16 bits decoded there)."""
+        """``x``, ``z``, ``logits`` (or ``gram``) as a ``dtype`` tensor on ``device`` (bfloat16 bits decoded there)."""
         parts = self.batches(name) if torch.device(device).type == "cuda" and name not in self._matrices else []
         return decode_rows(parts or self.matrix(name), device, dtype)
 
