@@ -186,7 +186,8 @@ def mop(ctx: LayerContext, r: int) -> Choice:
     details = {"general": general, "m": m, "s_var": s_var.tolist(), "enu": enu_details}
     if k_domains == 0:
         return Choice(s_var, sorted(general), details)
-    # [N, H] float32: the products' copy on the device (decoded from the same rows), not a second upload
+    # [N, H] float32: the products' copy on the device when they ran the experts (decoded from the same rows);
+    # uploaded here when they came from the records (``recorded_products``: no x was needed for them)
     x = prods.runner.x if prods.runner is not None else sample.tensor("x", prods.logits.device)
     domains = kmeans(x, k_domains, seed=ctx.seed, draws=draws)  # [N] (Eq. 5)
     errors = prods.single_expert_errors(single_expert_weight(prods.spec, prods.logits))  # [N, E] ‖E_i(x)−z‖²
