@@ -16,6 +16,9 @@ re-run outputs directly. Routing for S comes from the recorded router logits wit
 (``mop_ray.arch.route``), which equals the physically pruned router.
 Per-token inner products are float64 for float32 weights and float32 (fp32-accumulated GEMMs) for bf16/fp16
 weights, whose expert outputs carry ~3 significant digits anyway; every sum over tokens and batches is float64.
+For layers of at most ``RECORD_UP_TO`` experts the observer, which runs every expert on every token anyway,
+records each sampled row's Gram with y (``row_products``), and ``recorded_products`` builds the same products
+from the records without running an expert again.
 """
 
 from __future__ import annotations
