@@ -312,11 +312,15 @@ def select_params(job: PruneJob) -> dict:
             **({"general": job.general} if job.general is not None else {})}
 
 
+def selects_early(job: PruneJob) -> bool:
+    """Whether kept stages select each layer beside the waves: ``job.select_early`` and a method that needs weights."""
+    return job.select_early and get_method(job.method).needs_weights
+
+
 def select_ahead(job: PruneJob, ckpt: Checkpoint, keep_stages: bool) -> tuple | None:
     """(contexts, method, r) for the stages to select each MoE layer as soon as the final wave has passed it,
-    beside the next layers' observation; None when they should not (the method needs no weights, the stages
-    will not be kept, or ``job.select_early`` is off)."""
-    if not (keep_stages and job.select_early and get_method(job.method).needs_weights):
+    beside the next layers' observation; None when they should not (``selects_early``, stages kept)."""
+    if not (keep_stages and selects_early(job)):
         return None
     params = select_params(job)
     return [layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype) for i in ckpt.moe_layers], job.method, job.keep
@@ -415,8 +419,7 @@ def run(job: PruneJob, log=print) -> dict:
             if method.needs_records:
                 t = time.time()
                 live = prestart_stages(job, ckpt, run_dir, manifest, log)  # they load while calibration tokenises
-                selects_beside = job.select_early and method.needs_weights  # as select_ahead decides for kept stages
-                if live is not None and selects_beside and job.write_early and method.combine is None:
+                if live is not None and selects_early(job) and job.write_early and method.combine is None:
                     ahead = shards_ahead(ckpt, Path(job.out).absolute(), run_dir, job.keep, job.max_shard_size, fault_env, log)
                 calib = calibrate(job, ckpt, run_dir, manifest, log)
                 timings["calibrate_s"] = round(time.time() - t, 2)

@@ -40,7 +40,6 @@ class EarlyChoices:
 
     def __init__(self, actors: list, layers: list[list[int]], on_layer, log):
         self._stop = threading.Event()
-        self.errors: list[str] = []
         self._thread = threading.Thread(target=self._run, args=(actors, layers, on_layer, log), name="early-choices",
                                         daemon=True)
         self._thread.start()
@@ -62,7 +61,6 @@ class EarlyChoices:
                     try:
                         on_layer(layer, result[1])
                     except Exception as e:  # noqa: BLE001 - the write phase writes whatever did not start here
-                        self.errors.append(f"layer {layer}: {type(e).__name__}: {e}")
                         log(f"write: could not start writing ahead after layer {layer} ({type(e).__name__}: {e})")
                 if left and not self._stop.is_set():
                     asked[actor.selected_early.remote(POLL_S)] = (actor, left)

@@ -22,7 +22,7 @@ import torch
 
 from mop_ray.methods.base import Choice, LayerContext, register
 from mop_ray.methods.greedy import greedy, trial_losses
-from mop_ray.methods.products import ExpertProducts, candidate_count, expert_products, recorded_products
+from mop_ray.methods.products import ExpertProducts, expert_products, recorded_products
 
 DEFAULT_MAX_SETS = 5000
 DEFAULT_BATCHES = 16
@@ -36,8 +36,7 @@ def layer_products(ctx: LayerContext, min_kept: int) -> tuple[ExpertProducts, to
     dev = ctx.device
     logits = sample.tensor("logits", dev)  # [N, E] float32
     cap = ctx.params.get("enu_candidates")
-    n = logits.shape[1]
-    if sample.has_products and cap is None and candidate_count(spec, n, min_kept) == candidate_count(spec, n, min_kept, n):
+    if sample.has_products and cap is None:  # recorded up to RECORD_UP_TO experts, whose candidate lists are exact
         prods = recorded_products(moe, spec, *sample.products(dev), logits, min_kept)  # the observer's: no expert runs
     else:
         x = sample.tensor("x", dev)  # [N, H] float32

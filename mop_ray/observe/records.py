@@ -56,9 +56,9 @@ def host_rows(t) -> np.ndarray:
 
 
 def decode_rows(values: np.ndarray | list[np.ndarray], device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """A sample matrix — or its row blocks, concatenated — as a ``dtype`` tensor on ``device``; uint16 rows are
-    bfloat16 bits, decoded on the device (half the bytes over PCIe). Copies to a GPU go through pinned chunks
-    (``host_to_device``), straight from the blocks (read-only views of a mapped file are fine)."""
+    """A sample matrix — or its row blocks, concatenated — as a ``dtype`` tensor (None: as stored) on ``device``;
+    uint16 rows are bfloat16 bits, decoded on the device (half the bytes over PCIe). Copies to a GPU go through
+    pinned chunks (``host_to_device``), straight from the blocks (read-only views of a mapped file are fine)."""
     from mop_ray.arch.layer import host_to_device
 
     parts = values if isinstance(values, list) else [values]
@@ -69,7 +69,8 @@ def decode_rows(values: np.ndarray | list[np.ndarray], device="cpu", dtype=torch
     else:
         host = torch.from_numpy(parts[0] if parts[0].flags.writeable else parts[0].copy())
     out = host_to_device(host, device)
-    return (out.view(torch.bfloat16) if bits else out).to(dtype)
+    out = out.view(torch.bfloat16) if bits else out
+    return out if dtype is None else out.to(dtype)
 
 
 class SampleWriter:
@@ -228,15 +229,13 @@ class LayerSample:
     def products(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """The recorded per-row Grams [N, E+2, E+2] (float32 or float64, as recorded) and ‖y‖² [N] float64 on
         ``device`` (``mop_ray.methods.products.row_products``)."""
-        width = self.table["gram"].type.list_size
-        stored = torch.from_numpy(np.empty(0, dtype=self.table["gram"].type.value_type.to_pandas_dtype())).dtype
-        g = self.tensor("gram", device, dtype=stored)
-        side = int(round(width ** 0.5))
+        side = self.table["logits"].type.list_size + 2  # E experts and y's two parts
         yy = torch.from_numpy(self.table["yy"].to_numpy()).to(device)
-        return g.view(len(self), side, side), yy
+        return self.tensor("gram", device, dtype=None).view(len(self), side, side), yy
 
     def tensor(self, name: str, device="cpu", dtype=torch.float32) -> torch.Tensor:
-        """``x``, ``z``, ``logits`` (or ``gram``) as a ``dtype`` tensor on ``device`` (bfloat16 bits decoded there)."""
+        """``x``, ``z``, ``logits`` (or ``gram``) as a ``dtype`` tensor (None: as stored) on ``device`` (bfloat16 bits
+        decoded there)."""
         parts = self.batches(name) if torch.device(device).type == "cuda" and name not in self._matrices else []
         return decode_rows(parts or self.matrix(name), device, dtype)
 
