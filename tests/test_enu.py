@@ -106,10 +106,17 @@ def test_the_observers_recorded_products_equal_running_the_experts_again(tiny_mo
     assert recorded.runner is None
     again = expert_products(moe, ckpt.family, recorded.spec, sample.tensor("x"), sample.tensor("z"),
                             sample.tensor("logits"), min_kept=2)
-    for name in ("yy", "yf", "ff", "gram", "cand", "pos"):
+    for name in ("cand", "pos"):
+        assert torch.equal(getattr(recorded, name), getattr(again, name)), name
+    # an inner product's rounding error scales with its Cauchy–Schwarz bound |u||v|, not with its value (on a GPU
+    # the observer's all-experts kernels and a per-expert re-run round differently; on the CPU they agree exactly)
+    yy, ff, gd = again.yy, again.ff, again.gram.diagonal(dim1=1, dim2=2)
+    bounds = {"yy": yy, "ff": ff, "yf": (yy[:, None] * ff).sqrt(), "gram": (gd[:, :, None] * gd[:, None, :]).sqrt()}
+    for name, bound in bounds.items():
         a, b = getattr(recorded, name), getattr(again, name)
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9 * float(b.abs().max()), msg=name)
+        worst = float(((a - b).abs().double() / bound.double().clamp_min(1e-30)).max())
+        assert worst < 1e-5, f"{name}: |recorded - again| reaches {worst:.2e} of the Cauchy-Schwarz bound"
 
 
 def test_greedy_equals_literal_greedy(tiny_models, records, family):

@@ -98,23 +98,28 @@ def plan_tensors(ckpt: Checkpoint, keep: dict[int, list[int]], names: list[str] 
 
 
 def plan_output(ckpt: Checkpoint, keep: dict[int, list[int]], max_shard_bytes: int) -> list[list[OutTensor]]:
-    """The output's shards: ``plan_tensors`` packed by ``plan_shards``; when it takes more than one shard, the last
-    MoE layer starts a shard of its own — the last layer chosen, so a shard written ahead (``ShardsAhead``) holds
-    everything else."""
+    """The output's shards: ``plan_tensors`` packed by ``plan_shards``; when it takes more than one shard, every
+    decoder layer starts a shard of its own (the embedding, final norm and LM head come first, together), so a
+    shard holds one layer at most and ``ShardsAhead`` can write each layer as soon as it is chosen — only the last
+    layer's shards are left for after selection."""
     tensors = plan_tensors(ckpt, keep)
-    last = max(ckpt.moe_layers, default=None)
-    several = sum(t.nbytes for t in tensors) > max_shard_bytes
-    first_of_last = next((t.name for t in tensors if several and ckpt.layer_of(t.name) == last), None)
-    return plan_shards(tensors, max_shard_bytes, first_of_last)
+    if sum(t.nbytes for t in tensors) <= max_shard_bytes:
+        return plan_shards(tensors, max_shard_bytes)
+    firsts, seen = set(), set()
+    for t in tensors:
+        if (layer := ckpt.layer_of(t.name)) is not None and layer not in seen:
+            seen.add(layer)
+            firsts.add(t.name)
+    return plan_shards(tensors, max_shard_bytes, firsts)
 
 
-def plan_shards(tensors: list, max_shard_bytes: int, break_at: str | None = None) -> list[list]:
-    """Consecutive tensors packed into shards of at most max_shard_bytes (a bigger tensor gets its own); the tensor
-    named ``break_at`` starts a new shard."""
+def plan_shards(tensors: list, max_shard_bytes: int, break_at: set[str] = frozenset()) -> list[list]:
+    """Consecutive tensors packed into shards of at most max_shard_bytes (a bigger tensor gets its own); a tensor
+    named in ``break_at`` starts a new shard."""
     shards: list[list[OutTensor]] = [[]]
     size = 0
     for t in tensors:
-        if shards[-1] and (size + t.nbytes > max_shard_bytes or (break_at is not None and t.name == break_at)):
+        if shards[-1] and (size + t.nbytes > max_shard_bytes or t.name in break_at):
             shards.append([])
             size = 0
         shards[-1].append(t)
@@ -150,7 +155,8 @@ class ShardsAhead:
 
     With r experts kept in every MoE layer the output's tensors (names, shapes, order), hence its shards, are
     known before any layer is chosen (``plan_tensors``); so each shard is written into ``directory`` (in the run
-    directory) as soon as every MoE layer it holds has been chosen (``offer``), and ``write_pruned(ahead=...)``
+    directory) as soon as the MoE layer it holds has been chosen (``plan_output``: one layer per shard at most;
+    ``offer``), and ``write_pruned(ahead=...)``
     moves the shards whose layers ended up with the same experts into the output and writes the rest.
     """
 
