@@ -390,10 +390,18 @@ def make_bench_shard(base):
             super().__init__(*args, **kwargs)  # returns at once: the stage's loader thread reads and builds the layers
             self._bench = {"layers": list(self.layer_ids), "device": str(self.device), "init_unix": init_unix,
                            "process_start_unix": _process_start_unix(), "forward_s": 0.0, "forward_each_s": [],
-                           "waves": 0, "micro_batches": 0}
+                           "waves": 0, "micro_batches": 0, "first_wave_unix": None,
+                           "built_unix": {}, "passed_unix": {}}  # layer -> on the device; -> the final wave passed it
+            for i, built in zip(self.layer_ids, self._built):
+                built.add_done_callback(lambda _, i=i: self._bench["built_unix"].__setitem__(i, time.time()))
+
+        def _close_early(self, i):
+            self._bench["passed_unix"][i] = time.time()  # the host has queued the final wave's work for layer i
+            return super()._close_early(i)
 
         def forward_wave(self, mb_ids, *args, **kwargs):
             t0 = time.perf_counter()
+            self._bench["first_wave_unix"] = self._bench["first_wave_unix"] or time.time()
             out = super().forward_wave(mb_ids, *args, **kwargs)  # returns once the device work is finished
             self._bench["forward_s"] += time.perf_counter() - t0
             self._bench["forward_each_s"].append(round(time.perf_counter() - t0, 4))
