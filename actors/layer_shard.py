@@ -48,6 +48,14 @@ def _fault_injection(layers: list[int], mb_id: int | str) -> None:
         os._exit(1)
 
 
+def _event_after(events: list | None, layer: int | None, mb: int | None) -> None:
+    """Append (layer, mb, a CUDA event recorded on the current stream) to ``events`` (``wave_events``), if any."""
+    if events is not None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        events.append((layer, mb, event))
+
+
 class LayerShardWorker:
     """The actor body; ``ray.remote(LayerShardWorker)`` is created by the coordinator with its resources.
 
@@ -77,6 +85,9 @@ class LayerShardWorker:
         self._meta: dict | None = None
         self.device = pick_device()
         self._compute: torch.cuda.Stream | None = None  # the waves' stream (made by the first wave)
+        # benchmarks set a list: the next wave appends (layer, micro-batch, CUDA event recorded after that call),
+        # after a (None, None, event) at its start
+        self.wave_events: list | None = None
         self._built: list[Future] = [Future() for _ in self.layer_ids]  # -> the decoder layer on the device
         self._inputs: Future = Future()  # -> (rotary embedding, token embedding or None)
         self._loader = threading.Thread(target=self._load, args=(dtype_named(dtype), first_stage, t0),
@@ -231,13 +242,16 @@ class LayerShardWorker:
                                "block": torch.as_tensor(np.repeat(meta["block"], seq)),
                                "pos": torch.arange(seq).repeat(bsz),
                                "sample": torch.from_numpy(np.array(meta["sample"], dtype=bool)).reshape(-1)})
+        events = self.wave_events if dev.type == "cuda" else None
         try:
+            _event_after(events, None, None)
             for i, built in zip(self.layer_ids, self._built):
                 layer = built.result()  # waits while this layer is still loading
                 for k in range(len(hs)):
                     self._meta = metas_host[k]
                     out = layer(hs[k], attention_mask=None, position_ids=pos[k], position_embeddings=pes[k])
                     hs[k] = out[0] if isinstance(out, tuple) else out
+                    _event_after(events, i, k)
                 if final and i in self.observers and i in self._observed_blocks:
                     self._close_early(i)
         finally:

@@ -401,8 +401,14 @@ def make_bench_shard(base):
 
         def forward_wave(self, mb_ids, *args, **kwargs):
             t0 = time.perf_counter()
-            self._bench["first_wave_unix"] = self._bench["first_wave_unix"] or time.time()
+            first = self._bench["first_wave_unix"] is None
+            if first:
+                self._bench["first_wave_unix"] = time.time()
+                self.wave_events = []  # GPU time of each layer call in the first wave
             out = super().forward_wave(mb_ids, *args, **kwargs)  # returns once the device work is finished
+            if first and self.wave_events:
+                self._bench["first_wave_ms"] = _event_ms(self.wave_events)
+            self.wave_events = None
             self._bench["forward_s"] += time.perf_counter() - t0
             self._bench["forward_each_s"].append(round(time.perf_counter() - t0, 4))
             self._bench["waves"] += 1
@@ -433,6 +439,16 @@ def make_bench_shard(base):
 
     BenchShard.__name__ = BenchShard.__qualname__ = "BenchShard"
     return BenchShard
+
+
+def _event_ms(events: list) -> dict[str, list[float]]:
+    """{layer: [ms from the previous event to the one after each micro-batch's call]} from a stage's
+    ``wave_events``: GPU time, plus any wait for the layer (its first entry) or for the host to launch work."""
+    events[-1][2].synchronize()
+    out: dict[str, list[float]] = {}
+    for (_, _, before), (layer, _, after) in zip(events, events[1:]):
+        out.setdefault(str(layer), []).append(round(before.elapsed_time(after), 2))
+    return out
 
 
 def _timed_select(run_dir, layer: int, info: dict, call, shared: bool = False):
