@@ -155,9 +155,9 @@ class ShardsAhead:
 
     With r experts kept in every MoE layer the output's tensors (names, shapes, order), hence its shards, are
     known before any layer is chosen (``plan_tensors``); so each shard is written into ``directory`` (in the run
-    directory) as soon as the MoE layer it holds has been chosen (``plan_output``: one layer per shard at most;
-    ``offer``), and ``write_pruned(ahead=...)``
-    moves the shards whose layers ended up with the same experts into the output and writes the rest.
+    directory) as soon as the MoE layer it holds has been chosen (``offer``; ``plan_output`` puts one layer per
+    shard at most), and ``write_pruned(ahead=...)`` moves the shards whose layers ended up with the same experts
+    into the output and writes the rest.
     """
 
     def __init__(self, ckpt: Checkpoint, directory: Path, r: int, max_shard_size: str | int, submit):
