@@ -21,6 +21,7 @@ import ray
 from tqdm import tqdm
 
 from actors.cluster import check_reachable, connect, default_stages, started_locally
+from actors.disk_space import check_disk_space
 from actors.early_writes import EarlyChoices, shards_ahead
 from actors.layer_shard import LayerShardWorker
 from actors.shard_writer import ray_shard_writer
@@ -397,6 +398,8 @@ def run(job: PruneJob, log=print) -> dict:
     check_out(Path(job.out).absolute(), job.overwrite)
     if method.needs_weights and method.needs_records:
         check_selection_memory(ckpt, job)  # a sample too large for selection fails now, not after observe
+    if method.needs_records:
+        check_disk_space(job, ckpt)  # records and output that would not fit fail now, not hours into observe
     check_reachable(job.address)  # an --address nobody answers on fails now, before anything is written
     connect(job.address)
     need = (job.stage_gpus or 0) * (job.stages or default_stages(ckpt.num_layers))

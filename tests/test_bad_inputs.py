@@ -273,3 +273,53 @@ def test_sample_too_large_for_selection_fails_before_calibrating(tiny_models, tm
     assert rc == 2 and "--sample 4096: selecting with mop needs" in err and "use --sample" in err
     assert len(err.strip().splitlines()) == 1
     assert not out.exists() and not Path(str(out) + ".run").exists()
+
+
+def test_a_disk_without_room_for_the_records_fails_before_anything_starts(tiny_models, tmp_path, capsys, monkeypatch):
+    """Records and output are sized up front against the free space (a full disk hours into observe loses the
+    run): too little, one line, nothing written. (Every other run of the suite passes the check for real.)"""
+    from collections import namedtuple
+
+    from actors.disk_space import records_bytes
+    from actors.coordinator import PruneJob
+    from mop_ray.checkpoint.reader import Checkpoint
+
+    ckpt = Checkpoint(tiny_models["mixtral"])
+    job = PruneJob(model=str(ckpt.path), out=str(tmp_path / "o"), method="frequency", keep=4, tokens=4096, seq_len=32,
+                   sample=4096)
+    rows, need = records_bytes(job, ckpt, ckpt.moe_layers)
+    assert rows == 4096 and need > 0
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("actors.disk_space.shutil.disk_usage", lambda p: usage(10**12, 0, need // 2))
+    out = tmp_path / "o"
+    rc = main(["prune", "--model", str(ckpt.path), "--out", str(out), "--method", "frequency", "--keep", "4",
+               "--tokens", "4096", "--seq-len", "32", "--sample", "4096"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"the records of {len(ckpt.moe_layers)} MoE layers (4096 sampled rows each, --sample)" in err
+    assert "lower --sample or use a larger disk" in err
+    assert not out.exists() and not Path(str(out) + ".run").exists()
+
+
+def test_a_resumed_run_needs_room_only_for_the_layers_not_yet_recorded(tiny_models, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from actors.coordinator import PruneJob
+    from actors.disk_space import check_disk_space
+    from mop_ray.checkpoint.reader import Checkpoint
+    from mop_ray.checkpoint.writer import plan_tensors
+    from mop_ray.observe.records import layer_dir
+
+    ckpt = Checkpoint(tiny_models["qwen3_moe"])
+    job = PruneJob(model=str(ckpt.path), out=str(tmp_path / "o"), method="frequency", keep=4, tokens=4096, seq_len=32,
+                   sample=4096, resume=True)
+    for i in ckpt.moe_layers:  # every layer's sample on disk (a file that exists is complete)
+        layer_dir(job.run_path, i).mkdir(parents=True)
+        (layer_dir(job.run_path, i) / "sample.arrow").write_bytes(b"")
+    output = sum(t.nbytes for t in plan_tensors(ckpt, {i: list(range(4)) for i in ckpt.moe_layers}))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("actors.disk_space.shutil.disk_usage", lambda p: usage(10**12, 0, int(output * 1.1)))
+    check_disk_space(job, ckpt)  # room for the output: enough
+    job.resume = False  # the same records would be written again
+    with pytest.raises(MopError, match="the records of"):
+        check_disk_space(job, ckpt)

@@ -194,3 +194,19 @@ def test_waves_cover_the_micro_batches_in_order_within_the_memory_bound():
     assert plan_waves(5, 1, 1, waves=2) == [[0, 1, 2], [3, 4]]
     with pytest.raises(MopError, match="--waves 0"):
         plan_waves(5, 1, 1, waves=0)
+
+
+def test_the_records_size_estimate_matches_what_the_observer_writes(tiny_models, records, family):
+    """``sample_row_bytes`` (which the disk-space check before a run multiplies out) against the columns the
+    observer wrote for every MoE layer: never under, at most the source-name allowance over."""
+    from mop_ray.arch.layer import compute_dtype
+    from mop_ray.checkpoint.reader import Checkpoint
+    from mop_ray.observe.records import SOURCE_NAME_BYTES, read_sample, sample_row_bytes
+
+    ckpt = Checkpoint(tiny_models[family])
+    for i in ckpt.moe_layers:
+        sample = read_sample(records(family), i)
+        dtype = compute_dtype(ckpt, [n for n in ckpt.tensors if ckpt.layer_of(n) == i])
+        estimate = len(sample) * sample_row_bytes(int(ckpt.config["hidden_size"]), ckpt.num_experts, dtype)
+        written = sample.table.nbytes
+        assert written <= estimate <= written + len(sample) * SOURCE_NAME_BYTES, (i, written, estimate)

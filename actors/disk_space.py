@@ -1,0 +1,65 @@
+"""Room on disk for a run, checked before anything starts: the records (``run_dir/records``) are gigabytes per
+MoE layer (a 65,536-row sample of a DeepSeek-V3 layer: 1.9 GB), and a disk that fills up hours into observe
+loses the run. The pruned checkpoint is counted where it will be written (``run_dir/shards`` first when shards are
+written ahead: the same bytes, moved)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.checkpoint.writer import plan_tensors
+from mop_ray.errors import MopError
+from mop_ray.observe.records import layer_dir, sample_row_bytes
+
+MARGIN = 1.05  # Arrow framing, statistics files, the index and config: a few percent at most
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (what the file system of a path not yet made is)."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def records_bytes(job, ckpt: Checkpoint, layers: list[int]) -> tuple[int, int]:
+    """(rows per layer, bytes) of the token samples of ``layers`` (``sample_row_bytes`` each)."""
+    from mop_ray.arch.layer import compute_dtype, dtype_named
+
+    rows = min(job.sample, job.tokens) if job.sample > 0 else 0
+    if not layers or rows == 0:
+        return rows, 0
+    names = [n for n in ckpt.tensors if ckpt.layer_of(n) == layers[0]]
+    dtype = dtype_named(job.dtype) or compute_dtype(ckpt, names)
+    return rows, rows * sample_row_bytes(int(ckpt.config["hidden_size"]), ckpt.num_experts, dtype) * len(layers)
+
+
+def check_disk_space(job, ckpt: Checkpoint) -> None:
+    """Refuse a run whose new records and pruned checkpoint do not fit the free space of their file systems.
+    Records this run replaces (no ``--resume``) count as free; with ``--resume`` a layer whose sample is on disk
+    needs no more (a file that exists is complete)."""
+    run_dir, out = Path(job.run_path).absolute(), Path(job.out).absolute()
+    todo = [i for i in ckpt.moe_layers if not (job.resume and (layer_dir(run_dir, i) / "sample.arrow").exists())]
+    rows, records = records_bytes(job, ckpt, todo)
+    output = sum(t.nbytes for t in plan_tensors(ckpt, {i: list(range(job.keep)) for i in ckpt.moe_layers}))
+    run_fs, out_fs = _existing(run_dir), _existing(out.parent)
+    freed = 0 if job.resume else _bytes_under(run_dir / "records")
+    freed += _bytes_under(run_dir / "shards")  # an earlier run's shards written ahead: always removed
+    same = os.stat(run_fs).st_dev == os.stat(out_fs).st_dev
+    need = (records + (output if same else 0)) * MARGIN
+    free = shutil.disk_usage(run_fs).free + freed
+    if need > free:
+        what = f"the records of {len(todo)} MoE layers ({rows} sampled rows each, --sample)"
+        raise MopError(f"--run-dir {run_dir}: {what}{' and the pruned checkpoint' if same else ''} need "
+                       f"{need / 1e9:.1f} GB there but {free / 1e9:.1f} GB are free; lower --sample or use a larger disk")
+    if not same and output * MARGIN > shutil.disk_usage(out_fs).free:
+        raise MopError(f"--out {out}: the pruned checkpoint needs {output * MARGIN / 1e9:.1f} GB but only "
+                       f"{shutil.disk_usage(out_fs).free / 1e9:.1f} GB are free there")
+
