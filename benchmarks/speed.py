@@ -65,6 +65,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -802,6 +803,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['stages']} | {fmt(r['observe_tokens_per_s'], 0)} | {fmt(r['stream_tokens_per_s'], 0)} | "
                      f"{fmt(r['gpu_peak_torch_bytes'] / GB if r['gpu_peak_torch_bytes'] else None)} | {smi_text} | "
                      f"{hp['total']['rss'] / GB:.2f} / {hp['total']['pss'] / GB:.2f} | {hp['driver']['rss'] / GB:.2f} |")
+    for r in report["runs"]:  # where each stage's first wave spent its GPU time (CUDA events; GPU runs only)
+        for st in r.get("stage_actors", []):
+            if st.get("first_wave_ms"):
+                parts = [f"layer {layer}: first {ms[0]:.0f} ms, then median {statistics.median(ms[1:] or ms):.0f} ms"
+                         for layer, ms in st["first_wave_ms"].items()]
+                lines += ["", f"First wave of the stage holding layers {st['layers'][0]}-{st['layers'][-1]} "
+                              f"({r['stages']} stage(s)), per micro-batch call: " + "; ".join(parts) + "."]
     if report.get("enu_compare"):
         e = report["enu_compare"]
         if "skipped" in e:
