@@ -398,8 +398,9 @@ def run(job: PruneJob, log=print) -> dict:
     check_out(Path(job.out).absolute(), job.overwrite)
     if method.needs_weights and method.needs_records:
         check_selection_memory(ckpt, job)  # a sample too large for selection fails now, not after observe
-    if method.needs_records:
-        check_disk_space(job, ckpt)  # records and output that would not fit fail now, not hours into observe
+    if method.needs_records:  # records and output that would not fit fail now, not hours into observe
+        records, output = check_disk_space(job, ckpt)
+        log(f"disk: {records / 1e9:.2f} GB of new records in {job.run_path}, {output / 1e9:.2f} GB of output")
     check_reachable(job.address)  # an --address nobody answers on fails now, before anything is written
     connect(job.address)
     need = (job.stage_gpus or 0) * (job.stages or default_stages(ckpt.num_layers))

@@ -41,10 +41,10 @@ def records_bytes(job, ckpt: Checkpoint, layers: list[int]) -> tuple[int, int]:
     return rows, rows * sample_row_bytes(int(ckpt.config["hidden_size"]), ckpt.num_experts, dtype) * len(layers)
 
 
-def check_disk_space(job, ckpt: Checkpoint) -> None:
-    """Refuse a run whose new records and pruned checkpoint do not fit the free space of their file systems.
-    Records this run replaces (no ``--resume``) count as free; with ``--resume`` a layer whose sample is on disk
-    needs no more (a file that exists is complete)."""
+def check_disk_space(job, ckpt: Checkpoint) -> tuple[int, int]:
+    """Refuse a run whose new records and pruned checkpoint do not fit the free space of their file systems;
+    -> (bytes of new records, bytes of the output). Records this run replaces (no ``--resume``) count as free;
+    with ``--resume`` a layer whose sample is on disk needs no more (a file that exists is complete)."""
     run_dir, out = Path(job.run_path).absolute(), Path(job.out).absolute()
     todo = [i for i in ckpt.moe_layers if not (job.resume and (layer_dir(run_dir, i) / "sample.arrow").exists())]
     rows, records = records_bytes(job, ckpt, todo)
@@ -62,4 +62,5 @@ def check_disk_space(job, ckpt: Checkpoint) -> None:
     if not same and output * MARGIN > shutil.disk_usage(out_fs).free:
         raise MopError(f"--out {out}: the pruned checkpoint needs {output * MARGIN / 1e9:.1f} GB but only "
                        f"{shutil.disk_usage(out_fs).free / 1e9:.1f} GB are free there")
+    return records, output
 
