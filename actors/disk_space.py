@@ -43,14 +43,16 @@ def records_bytes(job, ckpt: Checkpoint, layers: list[int]) -> tuple[int, int]:
 
 def check_disk_space(job, ckpt: Checkpoint) -> tuple[int, int]:
     """Refuse a run whose new records and pruned checkpoint do not fit the free space of their file systems;
-    -> (bytes of new records, bytes of the output). Records this run replaces (no ``--resume``) count as free;
-    with ``--resume`` a layer whose sample is on disk needs no more (a file that exists is complete)."""
+    -> (bytes of new records, bytes of the output). Records a new run removes first (those of an earlier run
+    with a manifest, without ``--resume``) count as free; with ``--resume`` a layer whose sample is on disk needs
+    no more (a file that exists is complete)."""
     run_dir, out = Path(job.run_path).absolute(), Path(job.out).absolute()
     todo = [i for i in ckpt.moe_layers if not (job.resume and (layer_dir(run_dir, i) / "sample.arrow").exists())]
     rows, records = records_bytes(job, ckpt, todo)
     output = sum(t.nbytes for t in plan_tensors(ckpt, {i: list(range(job.keep)) for i in ckpt.moe_layers}))
     run_fs, out_fs = _existing(run_dir), _existing(out.parent)
-    freed = 0 if job.resume else _bytes_under(run_dir / "records")
+    replaced = not job.resume and (run_dir / "manifest.json").exists()  # the run removes the old records first
+    freed = _bytes_under(run_dir / "records") if replaced else 0
     freed += _bytes_under(run_dir / "shards")  # an earlier run's shards written ahead: always removed
     same = os.stat(run_fs).st_dev == os.stat(out_fs).st_dev
     need = (records + (output if same else 0)) * MARGIN

@@ -302,10 +302,11 @@ def test_a_disk_without_room_for_the_records_fails_before_anything_starts(tiny_m
 
 
 def test_a_resumed_run_needs_room_only_for_the_layers_not_yet_recorded(tiny_models, tmp_path, monkeypatch):
+    """... and records a new run removes before it starts count as free."""
     from collections import namedtuple
 
     from actors.coordinator import PruneJob
-    from actors.disk_space import check_disk_space
+    from actors.disk_space import check_disk_space, records_bytes
     from mop_ray.checkpoint.reader import Checkpoint
     from mop_ray.checkpoint.writer import plan_tensors
     from mop_ray.observe.records import layer_dir
@@ -323,3 +324,9 @@ def test_a_resumed_run_needs_room_only_for_the_layers_not_yet_recorded(tiny_mode
     job.resume = False  # the same records would be written again
     with pytest.raises(MopError, match="the records of"):
         check_disk_space(job, ckpt)
+    (job.run_path / "manifest.json").write_text("{}")  # an earlier run's: a new run removes its records first
+    _, records = records_bytes(job, ckpt, ckpt.moe_layers)
+    for i in ckpt.moe_layers:  # as large as the new ones (sparse files: their size is what counts)
+        with open(layer_dir(job.run_path, i) / "sample.arrow", "wb") as f:
+            f.truncate(records)
+    assert check_disk_space(job, ckpt)[1] == output
