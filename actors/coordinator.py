@@ -28,7 +28,7 @@ from actors.shard_writer import ray_shard_writer
 from actors.tasks import combine_layers_task, select_layer_task
 from mop_ray.checkpoint.keepmap import check_r
 from mop_ray.checkpoint.reader import Checkpoint
-from mop_ray.checkpoint.writer import check_out, write_pruned
+from mop_ray.checkpoint.writer import check_out, human_size, write_pruned
 from mop_ray.errors import MopError
 from mop_ray.methods import get_method
 from mop_ray.plan import describe, micro_batch_bytes, plan_stages, plan_waves, wave_tokens
@@ -400,7 +400,7 @@ def run(job: PruneJob, log=print) -> dict:
         check_selection_memory(ckpt, job)  # a sample too large for selection fails now, not after observe
     if method.needs_records:  # records and output that would not fit fail now, not hours into observe
         records, output = check_disk_space(job, ckpt)
-        log(f"disk: {records / 1e9:.2f} GB of new records in {job.run_path}, {output / 1e9:.2f} GB of output")
+        log(f"disk: {human_size(records)} of new records in {job.run_path}, {human_size(output)} of output")
     check_reachable(job.address)  # an --address nobody answers on fails now, before anything is written
     connect(job.address)
     need = (job.stage_gpus or 0) * (job.stages or default_stages(ckpt.num_layers))

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from mop_ray.checkpoint.reader import Checkpoint
-from mop_ray.checkpoint.writer import plan_tensors
+from mop_ray.checkpoint.writer import human_size, plan_tensors
 from mop_ray.errors import MopError
 from mop_ray.observe.records import layer_dir, sample_row_bytes
 
@@ -60,9 +60,9 @@ def check_disk_space(job, ckpt: Checkpoint) -> tuple[int, int]:
     if need > free:
         what = f"the records of {len(todo)} MoE layers ({rows} sampled rows each, --sample)"
         raise MopError(f"--run-dir {run_dir}: {what}{' and the pruned checkpoint' if same else ''} need "
-                       f"{need / 1e9:.1f} GB there but {free / 1e9:.1f} GB are free; lower --sample or use a larger disk")
+                       f"{human_size(need)} there but {human_size(free)} are free; lower --sample or use a larger disk")
     if not same and output * MARGIN > shutil.disk_usage(out_fs).free:
-        raise MopError(f"--out {out}: the pruned checkpoint needs {output * MARGIN / 1e9:.1f} GB but only "
-                       f"{shutil.disk_usage(out_fs).free / 1e9:.1f} GB are free there")
+        raise MopError(f"--out {out}: the pruned checkpoint needs {human_size(output * MARGIN)} but only "
+                       f"{human_size(shutil.disk_usage(out_fs).free)} are free there")
     return records, output
 

@@ -11,15 +11,8 @@ import sys
 from pathlib import Path
 
 from mop_ray import __version__
+from mop_ray.checkpoint.writer import human_size as _human
 from mop_ray.errors import MopError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
 
 
 PRUNE_DEFAULTS = {
@@ -263,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def no_space(error: BaseException) -> OSError | None:
+    """The "no space left on device" behind ``error`` (raised here, or in a Ray task or actor: its ``cause``)."""
+    import errno
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -270,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     except MopError as e:
         print(f"mop-ray: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a disk that filled up during the run (records, shards): one line, not a traceback
+        full = no_space(e)
+        if full is None:
+            raise
+        where = f" ({full.filename})" if full.filename else ""
+        print(f"mop-ray: error: no space left on a disk this run writes to{where}; free some (or lower --sample: "
+              "the records take most of the run directory) and run the command again", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

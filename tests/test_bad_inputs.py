@@ -330,3 +330,29 @@ def test_a_resumed_run_needs_room_only_for_the_layers_not_yet_recorded(tiny_mode
         with open(layer_dir(job.run_path, i) / "sample.arrow", "wb") as f:
             f.truncate(records)
     assert check_disk_space(job, ckpt)[1] == output
+
+
+def test_a_disk_that_fills_up_during_the_run_is_one_line_not_a_traceback(tiny_models, tmp_path, capsys, monkeypatch):
+    """Space is checked up front, but another writer can still fill the disk: "no space left", raised in a stage
+    (a RayTaskError whose cause is the OSError) or here, is one line; any other error keeps its traceback."""
+    import errno
+
+    import ray.exceptions
+
+    def raising(error):
+        def run(job, log=print):
+            raise error
+        return run
+
+    args = ["prune", "--model", str(tiny_models["mixtral"]), "--out", str(tmp_path / "o"), "--method", "mop",
+            "--keep", "4"]
+    full = OSError(errno.ENOSPC, "No space left on device")
+    for error in (ray.exceptions.RayTaskError("LayerShardWorker.forward_wave", "Traceback ...", full), full):
+        monkeypatch.setattr("actors.coordinator.run", raising(error))
+        rc = main(args)
+        err = capsys.readouterr().err
+        assert rc == 1 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("mop-ray: error: no space left on a disk this run writes to") and "--sample" in err
+    monkeypatch.setattr("actors.coordinator.run", raising(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError, match="Input/output error"):
+        main(args)

@@ -92,11 +92,13 @@ def test_records_round_trip_through_parquet(tmp_path):
     assert back.sources == sources and back.tokens.tolist() == [10, 20] and back.n_experts == 8
     for f in STAT_FIELDS:
         np.testing.assert_array_equal(back.by_source[f], stats[f])
+    (layer / ".sample.999999.arrow").write_bytes(b"partial")  # an earlier attempt's (lost stage, full disk): removed
     writer = SampleWriter(layer, sources)
     x, z, lg = rng.random((5, 16)).astype(np.float32), rng.random((5, 16)).astype(np.float32), rng.random((5, 8)).astype(np.float32)
     for part in (slice(0, 2), slice(2, 5)):
         writer.write(x[part], z[part], lg[part], np.array([0, 1, 1, 0, 1])[part], np.arange(5)[part], np.arange(5)[part] * 3)
     writer.close()
+    assert sorted(p.name for p in layer.iterdir()) == ["sample.arrow", "stats.parquet"]
     s = read_sample(tmp_path, 7)
     np.testing.assert_array_equal(s.x, x)
     np.testing.assert_array_equal(s.z, z)

@@ -49,6 +49,15 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def human_size(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as ``parse_size`` reads them)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
 def _rows(t: TensorInfo, rows: list[int]) -> list[tuple[Path, int, int]]:
     """Byte ranges of ``t[rows]``, adjacent rows merged into one range."""
     pieces: list[tuple[Path, int, int]] = []

@@ -128,6 +128,8 @@ class SampleWriter:
         table = pa.table(columns)
         if self.writer is None:
             self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(".sample.*.arrow"):  # an earlier attempt's (a lost stage, a full disk)
+                stale.unlink(missing_ok=True)
             self.sink = pa.OSFile(str(self.tmp), "wb")
             self.writer = pa.ipc.new_file(self.sink, table.schema)
         self.writer.write_table(table)
