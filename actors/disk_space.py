@@ -25,6 +25,11 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def same_file_system(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` (made or not yet) are on one file system: a rename moves a file between them."""
+    return os.stat(_existing(a)).st_dev == os.stat(_existing(b)).st_dev
+
+
 def _bytes_under(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
@@ -50,19 +55,18 @@ def check_disk_space(job, ckpt: Checkpoint) -> tuple[int, int]:
     todo = [i for i in ckpt.moe_layers if not (job.resume and (layer_dir(run_dir, i) / "sample.arrow").exists())]
     rows, records = records_bytes(job, ckpt, todo)
     output = sum(t.nbytes for t in plan_tensors(ckpt, {i: list(range(job.keep)) for i in ckpt.moe_layers}))
-    run_fs, out_fs = _existing(run_dir), _existing(out.parent)
     replaced = not job.resume and (run_dir / "manifest.json").exists()  # the run removes the old records first
     freed = _bytes_under(run_dir / "records") if replaced else 0
     freed += _bytes_under(run_dir / "shards")  # an earlier run's shards written ahead: always removed
-    same = os.stat(run_fs).st_dev == os.stat(out_fs).st_dev
+    same = same_file_system(run_dir, out.parent)
     need = (records + (output if same else 0)) * MARGIN
-    free = shutil.disk_usage(run_fs).free + freed
+    free = shutil.disk_usage(_existing(run_dir)).free + freed
     if need > free:
         what = f"the records of {len(todo)} MoE layers ({rows} sampled rows each, --sample)"
         raise MopError(f"--run-dir {run_dir}: {what}{' and the pruned checkpoint' if same else ''} need "
                        f"{human_size(need)} there but {human_size(free)} are free; lower --sample or use a larger disk")
-    if not same and output * MARGIN > shutil.disk_usage(out_fs).free:
+    if not same and output * MARGIN > (free := shutil.disk_usage(_existing(out.parent)).free):
         raise MopError(f"--out {out}: the pruned checkpoint needs {human_size(output * MARGIN)} but only "
-                       f"{human_size(shutil.disk_usage(out_fs).free)} are free there")
+                       f"{human_size(free)} are free there")
     return records, output
 

@@ -8,12 +8,12 @@ write phase then only writes the shards that hold the last layers, instead of th
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
 import ray
 
+from actors.disk_space import same_file_system
 from actors.shard_writer import ray_shard_submit
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.checkpoint.writer import ShardsAhead
@@ -25,9 +25,7 @@ def shards_ahead(ckpt: Checkpoint, out: Path, run_dir: Path, r: int, max_shard_s
                  log) -> ShardsAhead | None:
     """A ``ShardsAhead`` writing into ``run_dir/shards``, or None where the shards could not be moved into ``out``
     by a rename (another file system)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if os.stat(run_dir).st_dev != os.stat(out.parent).st_dev:
+    if not same_file_system(run_dir, out.parent):
         log(f"write: {run_dir} and {out.parent} are on different file systems; shards are written after selection")
         return None
     return ShardsAhead(ckpt, run_dir / "shards", r, max_shard_size, ray_shard_submit(runtime_env=runtime_env))

@@ -30,19 +30,23 @@ def write_shard(directory: str, index: int, count: int, tensors) -> tuple[str, s
 write_shard_task = ray.remote(max_retries=3)(write_shard)
 
 
+def _task(num_cpus: float, runtime_env: dict | None):
+    return write_shard_task.options(num_cpus=num_cpus, **({"runtime_env": runtime_env} if runtime_env else {}))
+
+
 def ray_shard_submit(num_cpus: float = 0.5, runtime_env: dict | None = None):
     """A ``submit`` for ``ShardsAhead``: one output shard as its own (retried) Ray task -> a concurrent Future."""
-    opts = {"num_cpus": num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})}
+    task = _task(num_cpus, runtime_env)
 
     def submit(directory: Path, index: int, count: int, tensors):
-        return write_shard_task.options(**opts).remote(str(directory), index, count, tensors).future()
+        return task.remote(str(directory), index, count, tensors).future()
     return submit
 
 
 def ray_shard_writer(num_cpus: float = 0.5, runtime_env: dict | None = None):
     """A ``shard_writer`` for ``write_pruned`` that writes every output shard as its own (retried) Ray task."""
+    task = _task(num_cpus, runtime_env)
+
     def write(directory: Path, plans):
-        opts = {"num_cpus": num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})}
-        refs = [write_shard_task.options(**opts).remote(str(directory), i, n, tensors) for i, n, tensors in plans]
-        return ray.get(refs)
+        return ray.get([task.remote(str(directory), i, n, tensors) for i, n, tensors in plans])
     return write
