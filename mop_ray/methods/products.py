@@ -79,6 +79,11 @@ def product_dtypes(weight_dtype: torch.dtype, device) -> tuple[torch.dtype, torc
     return prec, weight_dtype if torch.device(device).type == "cuda" and half else prec
 
 
+def gram_dtype(store: torch.dtype) -> torch.dtype:
+    """The dtype per-token Grams of ``store`` outputs come out in: float64 for float64, else float32 (``bmm32``)."""
+    return torch.float64 if store == torch.float64 else torch.float32
+
+
 def gram_rows(n_experts: int) -> int:
     """Rows of f for a Gram with y appended: E experts + y's two parts, padded to a multiple of 16 (tensor cores)."""
     return -(-(n_experts + 2) // 16) * 16
@@ -97,7 +102,7 @@ def row_products(outputs: list[torch.Tensor], y: torch.Tensor, store: torch.dtyp
     expert outputs are already computed (the observer records it with the sample when E ≤ ``RECORD_UP_TO``)."""
     n, (m, h) = len(outputs), y.shape
     rows = gram_rows(n)
-    g = torch.empty(m, n + 2, n + 2, dtype=torch.float64 if store == torch.float64 else torch.float32, device=y.device)
+    g = torch.empty(m, n + 2, n + 2, dtype=gram_dtype(store), device=y.device)
     step = max(1, (256 << 20) // (rows * h * torch.finfo(store).bits // 8))  # f of ≤ 256 MiB at a time
     for a in range(0, m, step):
         f = torch.empty(min(step, m - a), rows, h, dtype=store, device=y.device)  # [m', E+pad, H]

@@ -40,13 +40,12 @@ def sample_row_bytes(hidden: int, n_experts: int, dtype: torch.dtype) -> int:
     """Bytes one sampled row takes in ``sample.arrow`` (its columns' buffers as ``SampleWriter`` writes them) for a
     layer computing in ``dtype``: x and z (bf16 bits, else float32), float32 logits, int32 block and pos, the source
     name (offset + ``SOURCE_NAME_BYTES``) and, up to ``RECORD_UP_TO`` experts, the Gram and ‖y‖²."""
-    from mop_ray.methods.products import RECORD_UP_TO, product_dtypes
+    from mop_ray.methods.products import RECORD_UP_TO, gram_dtype, product_dtypes
 
     act = 2 if dtype == torch.bfloat16 else 4
     row = 2 * hidden * act + 4 * n_experts + 4 + 4 + 4 + SOURCE_NAME_BYTES
     if n_experts <= RECORD_UP_TO:
-        gram = torch.float64 if product_dtypes(dtype, "cpu")[1] == torch.float64 else torch.float32
-        row += (n_experts + 2) ** 2 * gram.itemsize + 8
+        row += (n_experts + 2) ** 2 * gram_dtype(product_dtypes(dtype, "cpu")[1]).itemsize + 8
     return row
 
 
