@@ -57,8 +57,9 @@ def small_job(model, out, **kw):
 _RECORDS: dict = {}
 
 
-def record_layers(model_dir, run_dir, tokens=8 * 32, seq_len=32, sample=10_000):
-    """Calibration records of every MoE layer, made in-process by the stage actor's class (no Ray)."""
+def record_layers(model_dir, run_dir, tokens=8 * 32, seq_len=32, sample=10_000, outputs=False):
+    """Calibration records of every MoE layer, made in-process by the stage actor's class (no Ray); ``outputs``:
+    the sampled rows keep their outputs z where the recorded products make them unnecessary (``records_outputs``)."""
     import numpy as np
     import torch
     from transformers import AutoTokenizer
@@ -76,18 +77,33 @@ def record_layers(model_dir, run_dir, tokens=8 * 32, seq_len=32, sample=10_000):
     src = np.array([sources.index(s) for s in calib["source"]])
     mask = sample_mask(len(ids), seq_len, sample, 0)
     worker = LayerShardWorker(str(model_dir), list(range(ckpt.num_layers)), str(run_dir), sources, first_stage=True)
-    for start in range(0, len(ids), 2):
-        sl = slice(start, start + 2)
-        worker.forward(start, torch.from_numpy(ids[sl]), {"source": src[sl], "block": np.arange(len(ids))[sl], "sample": mask[sl]})
+    with pytest.MonkeyPatch.context() as m:
+        if outputs:
+            m.setenv("MOP_RAY_RECORD_OUTPUTS", "1")
+        for start in range(0, len(ids), 2):
+            sl = slice(start, start + 2)
+            worker.forward(start, torch.from_numpy(ids[sl]), {"source": src[sl], "block": np.arange(len(ids))[sl], "sample": mask[sl]})
     worker.finish()
     return run_dir
 
 
+def _records_getter(tiny_models, tmp_path_factory, outputs: bool):
+    def get(family):
+        if (family, outputs) not in _RECORDS:
+            run_dir = tmp_path_factory.mktemp(f"rec-{family}{'-z' if outputs else ''}")
+            _RECORDS[family, outputs] = record_layers(tiny_models[family], run_dir, outputs=outputs)
+        return _RECORDS[family, outputs]
+    return get
+
+
 @pytest.fixture
 def records(tiny_models, tmp_path_factory):
-    """{family: run_dir} with records of every MoE layer (built once per family per session)."""
-    def get(family):
-        if family not in _RECORDS:
-            _RECORDS[family] = record_layers(tiny_models[family], tmp_path_factory.mktemp(f"rec-{family}"))
-        return _RECORDS[family]
-    return get
+    """family -> run_dir with records of every MoE layer, as a run writes them (built once per family per session)."""
+    return _records_getter(tiny_models, tmp_path_factory, outputs=False)
+
+
+@pytest.fixture
+def records_with_outputs(tiny_models, tmp_path_factory):
+    """``records`` whose sampled rows also keep their outputs z (``MOP_RAY_RECORD_OUTPUTS=1``), for checks against
+    running the experts on the sample again."""
+    return _records_getter(tiny_models, tmp_path_factory, outputs=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,12 @@ from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.methods import LayerContext, choose, get_method
 from mop_ray.methods.enu import candidate_sets, layer_products, search, set_loss
 from mop_ray.observe.records import LayerRecords
+
+
+@pytest.fixture
+def records(records_with_outputs):
+    """Records whose sampled rows keep their outputs z: these tests score sets against z as recorded."""
+    return records_with_outputs
 
 
 @torch.no_grad()
@@ -428,3 +435,30 @@ def test_trial_table_falls_back_to_eager_steps_when_graph_capture_fails(tiny_mod
     eager.remove(3)
     assert table.graphs is None
     assert torch.equal(table.watch, eager.watch) and torch.allclose(table.delta, eager.delta)
+
+
+@pytest.mark.parametrize("method", ["enu", "mop"])
+def test_a_sample_without_products_selects_what_the_recorded_products_select(tiny_models, records, family, method,
+                                                                            tmp_path, monkeypatch):
+    """A layer of more experts than ``RECORD_UP_TO`` (DeepSeek-V3's 256) records its rows' outputs z instead of
+    their products, and selection runs every expert on the sample: the same choice as from the products."""
+    from conftest import record_layers
+    from mop_ray.methods import products
+
+    ckpt = Checkpoint(tiny_models[family])
+    layer = ckpt.moe_layers[-1]
+    groups = (ckpt.family.group_constraints(ckpt.config) or (1,))[0]
+    with_products = records(family)
+    with monkeypatch.context() as m:
+        m.setattr(products, "RECORD_UP_TO", 0)  # these 8 experts recorded as if they were more than the limit
+        without = record_layers(tiny_models[family], tmp_path / "plain")
+    sample = LayerRecords(without, layer).sample
+    assert sample.has_outputs and not sample.has_products and len(sample) == 256
+    answers = []
+    for run_dir in (with_products, without):
+        ctx = LayerContext(layer, ckpt.num_experts, ckpt.top_k, groups, seed=0, model_dir=str(ckpt.path),
+                           records=LayerRecords(run_dir, layer))
+        answers.append(choose(get_method(method), ctx, 4))
+    (kept_a, a), (kept_b, b) = answers
+    assert kept_a == kept_b
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6, atol=1e-9)

@@ -20,7 +20,8 @@ from conftest import small_job
 def reference(model_dir, run_dir):
     """Per-token loop over the unsplit transformers model on the recorded calibration blocks.
 
-    Returns {layer: (Z [B, L, H], stats {field: [E]})} using the model's own router module for routing.
+    Returns {layer: (Y [B, L, H], stats {field: [E]})} using the model's own router module for routing, where
+    Y = Z − the shared-expert term: the block's routed output.
     """
     from transformers import AutoModelForCausalLM
 
@@ -49,8 +50,18 @@ def reference(model_dir, run_dir):
                     stats["freq"][e] += 1
                     stats["ean_sum"][e] += f.norm().item()
                     stats["reap_sum"][e] += w[j].item() * f.norm().item()
-        out[i] = (z, stats)
+        with torch.no_grad():
+            out[i] = (z - shared_term(moe, x), stats)
     return out
+
+
+def shared_term(moe, x):
+    """The shared-expert term a block adds (DeepSeek's shared experts, Qwen2-MoE's gated one), or 0."""
+    if hasattr(moe, "shared_experts"):
+        return moe.shared_experts(x)
+    if hasattr(moe, "shared_expert"):
+        return torch.sigmoid(moe.shared_expert_gate(x)) * moe.shared_expert(x)
+    return 0
 
 
 def test_records_match_the_unsplit_model(tiny_models, family, tmp_path, ray_local):
@@ -60,11 +71,13 @@ def test_records_match_the_unsplit_model(tiny_models, family, tmp_path, ray_loca
     assert res["run_dir"] == str(run_dir)
     ref = reference(tiny_models[family], run_dir)
     assert sorted(ref) == Checkpoint(tiny_models[family]).moe_layers
-    for layer, (z_ref, stats_ref) in ref.items():
+    for layer, (y_ref, stats_ref) in ref.items():
         sample = read_sample(run_dir, layer)
-        assert len(sample.block) == z_ref.shape[0] * z_ref.shape[1]  # all 256 tokens sampled
-        z = z_ref[torch.as_tensor(sample.block, dtype=torch.long), torch.as_tensor(sample.pos, dtype=torch.long)]
-        np.testing.assert_allclose(sample.z, z.numpy(), atol=1e-5, rtol=0)
+        assert len(sample.block) == y_ref.shape[0] * y_ref.shape[1]  # all 256 tokens sampled
+        y = y_ref[torch.as_tensor(sample.block, dtype=torch.long), torch.as_tensor(sample.pos, dtype=torch.long)]
+        # 8 experts: each row's products (‖y‖² among them) stand in for its output z, which is not written
+        assert sample.has_products and not sample.has_outputs
+        np.testing.assert_allclose(sample.table["yy"].to_numpy(), y.double().pow(2).sum(-1).numpy(), rtol=1e-5)
         stats = read_stats(run_dir, layer)
         assert stats.n_tokens == 256 and sorted(stats.sources) == sorted(set(sample.source))
         np.testing.assert_array_equal(stats.total("freq"), stats_ref["freq"])
@@ -82,6 +95,11 @@ def test_records_match_the_unsplit_model(tiny_models, family, tmp_path, ray_loca
         assert kept[str(layer)] == expect
 
 
+def products(sample) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's recorded per-row Grams [N, (E+2)²] and ‖y‖² [N]."""
+    return sample.matrix("gram"), sample.table["yy"].to_numpy()
+
+
 def assert_same_records(run_a, run_b, layers, rtol: float, atol: float, rows: int) -> None:
     """Two runs recorded the same statistics (to rtol) and the same sample rows (values to atol)."""
     for layer in layers:
@@ -91,8 +109,12 @@ def assert_same_records(run_a, run_b, layers, rtol: float, atol: float, rows: in
         xa, xb = read_sample(run_a, layer), read_sample(run_b, layer)
         assert len(xa.block) == rows
         np.testing.assert_array_equal(xa.block, xb.block)
-        for name in ("x", "z", "logits"):
-            np.testing.assert_allclose(getattr(xa, name), getattr(xb, name), rtol=0, atol=atol)
+        assert (xa.has_outputs, xa.has_products) == (xb.has_outputs, xb.has_products)
+        for name in ("x", "logits") + (("z",) if xa.has_outputs else ()):
+            np.testing.assert_allclose(xa.matrix(name), xb.matrix(name), rtol=0, atol=atol)
+        if xa.has_products:  # inner products of values equal to atol: equal to atol relative to the largest
+            for a, b in zip(products(xa), products(xb)):
+                np.testing.assert_allclose(a, b, rtol=0, atol=atol * np.abs(a).max())
 
 
 def test_one_and_three_stages_record_the_same(tiny_models, tmp_path, ray_local):
@@ -180,9 +202,10 @@ def test_a_bfloat16_stage_records_its_sample_as_exact_bfloat16_bits(tiny_models,
     worker.forward(0, ids, {"source": np.array([0, 1]), "block": np.array([0, 1]), "sample": np.ones((2, 16), bool)})
     worker.finish()
     sample = read_sample(tmp_path, layer)
-    assert seen["x"].dtype == torch.bfloat16 and sample.x.dtype == np.uint16 and sample.z.dtype == np.uint16
+    assert seen["x"].dtype == torch.bfloat16 and sample.x.dtype == np.uint16 and not sample.has_outputs
     assert torch.equal(sample.tensor("x", dtype=torch.bfloat16), seen["x"])
-    assert torch.equal(sample.tensor("z", dtype=torch.bfloat16), seen["z"])
+    yy = torch.from_numpy(sample.table["yy"].to_numpy().copy())  # ‖z‖² of the bfloat16 output (no shared expert)
+    assert torch.allclose(yy, seen["z"].float().pow(2).sum(-1).double(), rtol=1e-6, atol=0)
 
 
 def test_waves_and_micro_batch_order_record_the_same(tiny_models, tmp_path, ray_local):
@@ -330,7 +353,8 @@ def test_a_stage_records_the_same_whether_the_observer_or_the_block_computes_the
         outs[name] = {i: (read_sample(tmp_path / name, i), read_stats(tmp_path / name, i)) for i in ckpt.moe_layers}
     for i in ckpt.moe_layers:
         (sa, ta), (sb, tb) = outs["observer"][i], outs["block"][i]
-        np.testing.assert_allclose(sa.z, sb.z, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(sa.x, sb.x, rtol=1e-5, atol=1e-6)
+        for a, b in zip(products(sa), products(sb)):  # the rows' products (from either path's outputs) stand in for z
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
         for f in STAT_FIELDS:
             np.testing.assert_allclose(ta.by_source[f], tb.by_source[f], rtol=1e-4, atol=1e-6)

@@ -10,7 +10,8 @@ per (source s, expert e), summed over tokens (float64):
 - ``err_sum``   Σ_all ‖E_e(x) − Z‖² where E_e is the layer with only e kept (MoP Eq. 5–7 before domains);
 - ``p_sum``, ``plogp_sum``  Σ p_e and Σ p_e·log2 p_e of the full-softmax router probability, from which
   MoP Eq. 2 is exact: S_var(e) = plogp_sum/p_sum − log2 p_sum + log2 N;
-and ``tokens`` per source. The sample rows (X, Z, router logits, source, block, position) go to ``sample.arrow`` (records.py).
+and ``tokens`` per source. The sample rows (X, router logits, source, block, position, and Z or — up to 16
+experts — the rows' expert products) go to ``sample.arrow`` (records.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from mop_ray import plan
 from mop_ray.arch import Family, RouterSpec, route
 from mop_ray.arch.experts import expert_forward
-from mop_ray.observe.records import STAT_FIELDS, SampleWriter
+from mop_ray.observe.records import STAT_FIELDS, SampleWriter, records_outputs, records_products
 
 
 def single_expert_weight(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
@@ -125,22 +126,23 @@ class MoEObserver:
             self._record_sample(moe, x, z, logits, source, sample, block, pos, outputs, shared)
 
     def _record_sample(self, moe, x, z, logits, source, sample, block, pos, outputs, shared) -> None:
-        from mop_ray.methods.products import RECORD_UP_TO  # here: mop_ray.methods imports this module
-
         rows_host = sample.nonzero().squeeze(1)  # [N] sampled token indices, known on the host: no device sync
         if len(rows_host) == 0:
             return
         rows = rows_host.to(x.device)
         parts = [t.index_select(0, rows) for t in (x, z, logits)]  # [N, H], [N, H], [N, E]
-        if self.n_experts <= RECORD_UP_TO:  # the rows' expert products, so selection runs no expert again
+        if records_products(self.n_experts):  # the rows' expert products, so selection runs no expert again
             parts += self._row_products(moe, parts[0], parts[1], rows, outputs, shared)  # [N, E+2, E+2], [N]
+        if not records_outputs(self.n_experts):
+            parts[1] = None  # z: neither copied to the host nor written
         if not (x.dtype == torch.bfloat16 and z.dtype == torch.bfloat16):  # bf16 rows are stored as their bits
-            parts[:2] = [t.float() for t in parts[:2]]  # the sampled rows only, not all T
+            parts[:2] = [None if t is None else t.float() for t in parts[:2]]  # the sampled rows only, not all T
         ready = None
         if x.device.type == "cuda":  # copy into (cached) pinned host memory; the writer thread waits for it
-            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts]
+            host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts]
             for h, t in zip(host, parts):
-                h.copy_(t, non_blocking=True)
+                if t is not None:
+                    h.copy_(t, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
             parts = host

@@ -3,12 +3,13 @@
 ``stats.parquet``: one row per (source, expert): ``source`` (string), ``expert`` (int32), ``tokens`` (int64,
 tokens of that source), and the float64 sums of ``STAT_FIELDS`` (see ``mop_ray.observe.observer``).
 ``sample.arrow`` (Arrow IPC file, one record batch per micro-batch): one row per sampled token: ``block``,
-``pos`` (int32), ``source`` (string), ``x``, ``z`` (fixed_size_list[H]: MoE input and original output;
-float32, or uint16 holding the bfloat16 bits when the layer ran in bfloat16 — exact, half the bytes to copy,
-write and read back), ``logits`` (fixed_size_list<float32>[E]); for layers of at most
-``mop_ray.methods.products.RECORD_UP_TO`` experts also ``gram`` (fixed_size_list[(E+2)²], float32 or float64: the
-row's expert outputs' and y's Gram, ``row_products``) and ``yy`` (float64, ‖y‖²), so that selection runs no expert
-again. The sample is Arrow IPC rather than Parquet because it is
+``pos`` (int32), ``source`` (string), ``x`` (fixed_size_list[H]: the MoE input; float32, or uint16 holding the
+bfloat16 bits when the layer ran in bfloat16 — exact, half the bytes to copy, write and read back), ``logits``
+(fixed_size_list<float32>[E]) and either ``z`` (the block's original output, as ``x``) or, for layers of at most
+``mop_ray.methods.products.RECORD_UP_TO`` experts, ``gram`` (fixed_size_list[(E+2)²], float32 or float64: the row's
+expert outputs' and y's Gram, ``row_products``) and ``yy`` (float64, ‖y‖²), so that selection runs no expert again
+and needs no z (``records_outputs``: half a Mixtral layer's sample). The sample is Arrow IPC rather than Parquet
+because it is
 gigabytes of dense floats: Parquet encodes a definition level per list element (measured on an H100 node:
 the stage's sample writing took 8x its compute), while IPC writes the buffers as they are and is read back
 memory-mapped. Rows are written by a background thread so the stage's next micro-batch overlaps the write.
@@ -30,21 +31,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mop_ray.errors import MopError
+
 STAT_FIELDS = ("freq", "reap_sum", "ean_sum", "err_sum", "p_sum", "plogp_sum")
 
 
 SOURCE_NAME_BYTES = 16  # allowance per row for the ``source`` string (the corpus' names are shorter)
 
 
+def records_products(n_experts: int) -> bool:
+    """Whether a layer of ``n_experts`` records each sampled row's Gram and ‖y‖² (up to ``RECORD_UP_TO`` experts)."""
+    from mop_ray.methods.products import RECORD_UP_TO  # here: mop_ray.methods imports this module
+
+    return n_experts <= RECORD_UP_TO
+
+
+def records_outputs(n_experts: int) -> bool:
+    """Whether a layer of ``n_experts`` records its sampled rows' outputs z: only where it records no products,
+    which are all selection needs z for; ``MOP_RAY_RECORD_OUTPUTS=1`` keeps them anyway (checks that run the
+    experts on the sample again, forced short candidate lists)."""
+    return not records_products(n_experts) or os.environ.get("MOP_RAY_RECORD_OUTPUTS", "0") not in ("", "0")
+
+
 def sample_row_bytes(hidden: int, n_experts: int, dtype: torch.dtype) -> int:
     """Bytes one sampled row takes in ``sample.arrow`` (its columns' buffers as ``SampleWriter`` writes them) for a
-    layer computing in ``dtype``: x and z (bf16 bits, else float32), float32 logits, int32 block and pos, the source
-    name (offset + ``SOURCE_NAME_BYTES``) and, up to ``RECORD_UP_TO`` experts, the Gram and ‖y‖²."""
-    from mop_ray.methods.products import RECORD_UP_TO, gram_dtype, product_dtypes
+    layer computing in ``dtype``: x and, where recorded, z (bf16 bits, else float32), float32 logits, int32 block
+    and pos, the source name (offset + ``SOURCE_NAME_BYTES``) and, up to ``RECORD_UP_TO`` experts, the Gram and
+    ‖y‖²."""
+    from mop_ray.methods.products import gram_dtype, product_dtypes
 
     act = 2 if dtype == torch.bfloat16 else 4
-    row = 2 * hidden * act + 4 * n_experts + 4 + 4 + 4 + SOURCE_NAME_BYTES
-    if n_experts <= RECORD_UP_TO:
+    row = (1 + records_outputs(n_experts)) * hidden * act + 4 * n_experts + 4 + 4 + 4 + SOURCE_NAME_BYTES
+    if records_products(n_experts):
         row += (n_experts + 2) ** 2 * gram_dtype(product_dtypes(dtype, "cpu")[1]).itemsize + 8
     return row
 
@@ -105,7 +123,8 @@ class SampleWriter:
         self.max_pending = max_pending
 
     def write(self, x, z, logits, source, block, pos, ready=None, gram=None, yy=None) -> None:
-        """``gram`` [N, E+2, E+2] and ``yy`` [N]: the rows' expert products (``row_products``), when recorded."""
+        """``z``: the rows' outputs, or None when not recorded; ``gram`` [N, E+2, E+2] and ``yy`` [N]: the rows'
+        expert products (``row_products``), when recorded."""
         self.rows += len(block)
         while len(self.pending) >= self.max_pending:
             self.pending.pop(0).result()  # re-raises a failed write here
@@ -114,11 +133,11 @@ class SampleWriter:
     def _write(self, x, z, logits, source, block, pos, ready=None, gram=None, yy=None) -> None:
         if ready is not None:
             ready.synchronize()
-        x, z, logits = host_rows(x), host_rows(z), host_rows(logits)
         columns = {
             "block": pa.array(block.astype(np.int32)), "pos": pa.array(pos.astype(np.int32)),
             "source": pa.array([self.sources[i] for i in source], pa.string()),
-            "x": _fixed(x), "z": _fixed(z), "logits": _fixed(logits),
+            "x": _fixed(host_rows(x)), **({"z": _fixed(host_rows(z))} if z is not None else {}),
+            "logits": _fixed(host_rows(logits)),
         }
         if gram is not None:  # float32 or float64, as computed
             g = np.ascontiguousarray(gram.numpy() if isinstance(gram, torch.Tensor) else gram)
@@ -209,15 +228,26 @@ class LayerSample:
     def __len__(self) -> int:
         return self.table.num_rows
 
+    def _column(self, name: str) -> pa.ChunkedArray:
+        if name == "z" and not self.has_outputs:
+            raise MopError("this layer's sample holds no outputs z: a layer that records its rows' expert products "
+                           "needs none; re-run observe with MOP_RAY_RECORD_OUTPUTS=1 to keep them")
+        return self.table[name]
+
     def batches(self, name: str) -> list[np.ndarray]:
         """``name``'s rows per record batch, [n_i, D] read-only views of the mapped file."""
-        col = self.table[name]
+        col = self._column(name)
         return [c.flatten().to_numpy().reshape(len(c), col.type.list_size) for c in col.chunks if len(c)]
+
+    @property
+    def has_outputs(self) -> bool:
+        """Whether the rows' outputs z were recorded (``records_outputs``)."""
+        return "z" in self.table.column_names
 
     def matrix(self, name: str) -> np.ndarray:
         """``name``'s rows [N, D], a writable host copy (made once)."""
         if name not in self._matrices:
-            col = self.table[name]
+            col = self._column(name)
             parts = self.batches(name)
             empty = np.empty((0, col.type.list_size), dtype=col.type.value_type.to_pandas_dtype())
             self._matrices[name] = np.concatenate(parts) if parts else empty
@@ -248,7 +278,7 @@ class LayerSample:
         """The recorded per-row Grams [N, E+2, E+2] (float32 or float64, as recorded) and ‖y‖² [N] float64 on
         ``device`` (``mop_ray.methods.products.row_products``)."""
         side = self.table["logits"].type.list_size + 2  # E experts and y's two parts
-        yy = torch.from_numpy(self.table["yy"].to_numpy()).to(device)
+        yy = torch.from_numpy(self.table["yy"].to_numpy().copy()).to(device)  # [N]: a copy, the mapping is read-only
         return self.tensor("gram", device, dtype=None).view(len(self), side, side), yy
 
     def tensor(self, name: str, device="cpu", dtype=torch.float32) -> torch.Tensor:
