@@ -185,7 +185,7 @@ def prestart_stages(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manife
 
 @dataclass
 class LiveStages:
-    """Running stage actors: started before calibration, kept after observe for selection with their weights."""
+    """Running stage actors: started before calibration, kept after observe for selection (with their weights)."""
 
     stages: list
     actors: list
@@ -205,17 +205,16 @@ class LiveStages:
 
 
 def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log,
-            keep_stages: bool = False, started: LiveStages | None = None, on_selected=None) -> tuple[dict, LiveStages | None]:
+            started: LiveStages | None = None, on_selected=None) -> tuple[dict, LiveStages | None]:
     """Stream the calibration blocks through the stages; a stage lost mid-way (actor crash, node loss) restarts
     the phase with fresh actors, up to ``job.max_attempts`` times. Records are written only when every
     micro-batch went through, so a replay never double-counts. -> (the phase's manifest state, the stages
-    still running when ``keep_stages`` and they ran; the caller closes them). ``started``: stages from
+    still running when they ran, for selection; the caller closes them). ``started``: stages from
     ``prestart_stages`` for the first attempt. ``on_selected(layer, kept)``: told of each layer the stages select
     beside the waves, as soon as they have (``EarlyChoices``)."""
     for attempt in range(1, job.max_attempts + 1):
         try:
-            return _observe_once(job, ckpt, calib, run, manifest, log, keep_stages, started if attempt == 1 else None,
-                                 on_selected)
+            return _observe_once(job, ckpt, calib, run, manifest, log, started if attempt == 1 else None, on_selected)
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
             if attempt == job.max_attempts:
                 raise MopError(f"observe: a stage was lost {attempt} times; last: {str(e).strip().splitlines()[0]}") from None
@@ -225,7 +224,7 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
 
 
 def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log,
-                  keep_stages: bool, started: LiveStages | None, on_selected=None) -> tuple[dict, LiveStages | None]:
+                  started: LiveStages | None, on_selected=None) -> tuple[dict, LiveStages | None]:
     recorded = recorded_layers(manifest)
     if set(ckpt.moe_layers) <= recorded:
         log("observe: all layers recorded, skipping")
@@ -246,7 +245,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
 
     bar = tqdm(total=ids.size, unit="tok", desc="observe", disable=not job.progress, unit_scale=True)
     try:
-        ahead = select_ahead(job, ckpt, keep_stages)
+        ahead = select_ahead(job, ckpt)
         # surfaces a stage that failed to start (a layer it cannot load surfaces from its loader thread in the
         # first wave, as a MopError)
         ray.get([a.begin.remote(sources, None if ahead is None else ([c for c in ahead[0] if c.layer in st.layers], *ahead[1:]))
@@ -295,7 +294,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
         raise
     finally:
         bar.close()
-        if not (finished and keep_stages):
+        if not finished:
             live.close()
     layers = dict((manifest.done("observe") or {}).get("layers", {}))
     for r in results:
@@ -305,7 +304,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
              "tokens": int(ids.size), "seconds": round(seconds, 2), "tokens_per_s": round(ids.size / max(seconds, 1e-9), 1)}
     manifest.mark("observe", state)
     log(f"observe: {ids.size} tokens through {len(stages)} stage(s) in {seconds:.1f}s ({ids.size / seconds:.0f} tok/s)")
-    return state, (live if keep_stages else None)
+    return state, live
 
 
 def select_params(job: PruneJob) -> dict:
@@ -313,15 +312,10 @@ def select_params(job: PruneJob) -> dict:
             **({"general": job.general} if job.general is not None else {})}
 
 
-def selects_early(job: PruneJob) -> bool:
-    """Whether kept stages select each layer beside the waves: ``job.select_early`` and a method that needs weights."""
-    return job.select_early and get_method(job.method).needs_weights
-
-
-def select_ahead(job: PruneJob, ckpt: Checkpoint, keep_stages: bool) -> tuple | None:
+def select_ahead(job: PruneJob, ckpt: Checkpoint) -> tuple | None:
     """(contexts, method, r) for the stages to select each MoE layer as soon as the final wave has passed it,
-    beside the next layers' observation; None when they should not (``selects_early``, stages kept)."""
-    if not (keep_stages and selects_early(job)):
+    beside the next layers' observation; None when they should not (``job.select_early``)."""
+    if not job.select_early:
         return None
     params = select_params(job)
     return [layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype) for i in ckpt.moe_layers], job.method, job.keep
@@ -329,9 +323,10 @@ def select_ahead(job: PruneJob, ckpt: Checkpoint, keep_stages: bool) -> tuple | 
 
 def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log,
                  live: LiveStages | None = None) -> tuple[dict, dict, dict]:
-    """Every MoE layer's kept ids. Methods that recompute experts select inside the ``live`` stage actors, which
-    hold the layers' weights already (no second read); otherwise, or when a stage is lost, one Ray task per
-    layer (GPU when the method uses weights and the cluster has GPUs) loads what it needs."""
+    """Every MoE layer's kept ids, chosen inside the ``live`` stage actors where they ran (the layers' weights in
+    memory, no second read; for record-only methods no process to start and no imports to pay per layer); else
+    (records from an earlier run) or when a stage is lost, one Ray task per layer (GPU when the method uses
+    weights and the cluster has GPUs) loads what it needs."""
     done = manifest.done("select") or {}
     if done.get("method") == job.method and done.get("keep") == job.keep and set(map(int, done.get("keep_map", {}))) == set(ckpt.moe_layers):
         log("select: reusing the keep-map in the manifest")
@@ -342,7 +337,7 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
     gpu = method.needs_weights and int(ray.cluster_resources().get("GPU", 0)) > 0
     opts = {"num_cpus": 0.5, "num_gpus": 1 if gpu else 0}
     results, where = None, "tasks"
-    if live is not None and method.needs_weights:
+    if live is not None:
         moe = set(ckpt.moe_layers)
         refs = [actor.select.remote([layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype) for i in st.layers if i in moe],
                                     job.method, job.keep) for st, actor in zip(live.stages, live.actors)]
@@ -423,12 +418,12 @@ def run(job: PruneJob, log=print) -> dict:
             if method.needs_records:
                 t = time.time()
                 live = prestart_stages(job, ckpt, run_dir, manifest, log)  # they load while calibration tokenises
-                if live is not None and selects_early(job) and job.write_early and method.combine is None:
+                if live is not None and job.select_early and job.write_early and method.combine is None:
                     ahead = shards_ahead(ckpt, Path(job.out).absolute(), run_dir, job.keep, job.max_shard_size, fault_env, log)
                 calib = calibrate(job, ckpt, run_dir, manifest, log)
                 timings["calibrate_s"] = round(time.time() - t, 2)
                 t = time.time()
-                _, live = observe(job, ckpt, calib, run_dir, manifest, log, keep_stages=method.needs_weights, started=live,
+                _, live = observe(job, ckpt, calib, run_dir, manifest, log, started=live,
                                   on_selected=ahead.offer if ahead is not None else None)
                 timings["observe_s"] = round(time.time() - t, 2)
             t = time.time()

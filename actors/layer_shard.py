@@ -350,8 +350,11 @@ class LayerShardWorker:
     def _room_to_select(self, i: int) -> bool:
         """Whether layer ``i``'s selection fits beside the layers still to load and the waves' working set: the
         device's free and cached bytes less those layers must hold twice the selection's estimate
-        (``mop_ray.methods.products.selection_bytes``, and the expert-output chunks it sizes from free memory)."""
-        if self.device.type != "cuda":
+        (``mop_ray.methods.products.selection_bytes``, and the expert-output chunks it sizes from free memory).
+        A record-only method (REAP, frequency, ...) reads the layer's statistics and takes no device memory."""
+        from mop_ray.methods import get_method
+
+        if self.device.type != "cuda" or not get_method(self._selection[1]).needs_weights:
             return True
         from mop_ray.methods.products import layer_selection_bytes
 
