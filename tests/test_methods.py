@@ -163,13 +163,12 @@ def test_prune_mop_end_to_end_loads_in_transformers(tiny_models, family, tmp_pat
 
 
 @pytest.mark.parametrize("fam, method, dtype", [("deepseek_v3", "mop", None), ("mixtral", "enu", None),
-                                               ("qwen2_moe", "cprune", None), ("olmoe", "gvp", "bfloat16"),
-                                               ("qwen3_moe", "reap", None)])
+                                               ("qwen2_moe", "cprune", None), ("olmoe", "gvp", "bfloat16")])
 def test_selection_in_the_stages_equals_selection_in_tasks(tiny_models, tmp_path, ray_local, fam, method, dtype):
-    """Every method selects inside the stage actors (two here): those that recompute experts with the layers the
-    stages hold, record-only ones (REAP) from the records the stages just wrote, with no task process to start;
-    redoing only the select phase from the same records, in one task per layer that loads what it needs from disk
-    (its layer in the stages' --dtype), gives the same kept experts and scores."""
+    """A method that recomputes experts selects inside the stage actors, with the layers they hold (two stages
+    here; record-only methods select there too: ``test_records_match_the_unsplit_model``); redoing only the select
+    phase from the same records, in one task per layer that loads its layer from disk (in the stages' --dtype),
+    gives the same kept experts and scores."""
     import json
 
     from actors.coordinator import run

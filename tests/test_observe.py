@@ -85,6 +85,8 @@ def test_records_match_the_unsplit_model(tiny_models, family, tmp_path, ray_loca
         np.testing.assert_allclose(stats.total("reap_sum"), stats_ref["reap_sum"], rtol=1e-5)
         assert stats.total("p_sum").sum() == pytest.approx(256)  # full softmax sums to 1 per token
     kept = json.loads((out / "pruning.json").read_text())["keep_map"]
+    # a record-only method selects in the stages too, from the statistics they just wrote (no task to start)
+    assert json.loads((run_dir / "manifest.json").read_text())["phases"]["select"]["in"] == "stages"
     for layer, (_, stats_ref) in ref.items():  # REAP keeps the 4 highest saliencies
         freq = np.maximum(stats_ref["freq"], 1)
         saliency = np.where(stats_ref["freq"] > 0, stats_ref["reap_sum"] / freq, 0)
