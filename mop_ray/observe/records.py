@@ -217,9 +217,9 @@ def read_stats(run_dir: str | Path, layer: int) -> LayerStats:
 
 class LayerSample:
     """One layer's sampled rows, memory-mapped from ``sample.arrow``: ``x``, ``z`` [N, H] (float32, or uint16 holding
-    bfloat16 bits) and ``logits`` [N, E] float32 as numpy, combined from the file's record batches on first use;
-    ``tensor`` moves one to a GPU batch by batch straight from the mapping (no host copy of the whole matrix);
-    ``source``, ``block``, ``pos``: per row."""
+    bfloat16 bits; z only where recorded, ``has_outputs``) and ``logits`` [N, E] float32 as numpy, combined from the
+    file's record batches on first use; ``tensor`` moves one to a GPU batch by batch straight from the mapping (no
+    host copy of the whole matrix); ``source``, ``block``, ``pos``: per row; ``products``: the rows' Grams."""
 
     def __init__(self, table: pa.Table):
         self.table = table  # its buffers are views of the mapped file
