@@ -260,18 +260,24 @@ def choice_scores(spec: RouterSpec, logits: torch.Tensor, bias: torch.Tensor | N
     return logits
 
 
-def selection_bytes(n_tokens: int, n_experts: int, hidden: int, c: int, half_weights: bool) -> int:
+def selection_bytes(n_tokens: int, n_experts: int, hidden: int, c: int, half_weights: bool,
+                    recorded: bool = False) -> int:
     """Device bytes the products of one layer's sample take beside the layer: the Gram [N, c, c], the [N, E]
     tables (products, candidate positions, router orders, and greedy's trial table: float64 changes and a bool
-    watch mask) and the sample's x and z [N, H] in float32."""
+    watch mask) and the sample's x and z [N, H] in float32 — or, ``recorded`` (the observer's Grams, no expert
+    runs: ``recorded_products``), x and the uploaded Grams [N, E+2, E+2] instead of z."""
     gram = n_tokens * c * c * (4 if half_weights else 8)
-    return gram + 7 * n_tokens * n_experts * 8 + n_tokens * n_experts + 2 * n_tokens * hidden * 4
+    rows = n_tokens * hidden * 4 * (1 if recorded else 2) + (n_tokens * (n_experts + 2) ** 2 * 8 if recorded else 0)
+    return gram + 7 * n_tokens * n_experts * 8 + n_tokens * n_experts + rows
 
 
 def layer_selection_bytes(ckpt, n_tokens: int, half_weights: bool) -> int:
     """``selection_bytes`` of one MoE layer of ``ckpt`` (a Checkpoint) for a sample of ``n_tokens`` rows."""
+    from mop_ray.observe.records import records_products
+
     c = candidate_count(ckpt.family.router_spec(ckpt.config), ckpt.num_experts, 1)
-    return selection_bytes(n_tokens, ckpt.num_experts, int(ckpt.config["hidden_size"]), c, half_weights)
+    return selection_bytes(n_tokens, ckpt.num_experts, int(ckpt.config["hidden_size"]), c, half_weights,
+                           recorded=records_products(ckpt.num_experts))
 
 
 def _candidates(spec: RouterSpec, logits: torch.Tensor, bias: torch.Tensor | None, c: int):
