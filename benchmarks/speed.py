@@ -565,9 +565,10 @@ def observe_flops(costs: dict, tokens: int, seq_len: int, layers=None) -> float:
 def select_flops(costs: dict, ckpt, method, sample_rows: dict[int, int], keep: int) -> float:
     if not method.needs_weights:
         return 0.0
-    from mop_ray.methods.products import RECORD_UP_TO, candidate_count
+    from mop_ray.methods.products import candidate_count
+    from mop_ray.observe.records import records_products
 
-    if costs["experts"] <= RECORD_UP_TO:  # the observer recorded the sample's products: no expert runs again
+    if records_products(costs["experts"]):  # the observer recorded the sample's products: no expert runs again
         return 0.0
     spec = ckpt.family.router_spec(ckpt.config)
     c = candidate_count(spec, costs["experts"], keep)

@@ -267,8 +267,9 @@ def selection_bytes(n_tokens: int, n_experts: int, hidden: int, c: int, half_wei
     watch mask) and the sample's x and z [N, H] in float32 — or, ``recorded`` (the observer's Grams, no expert
     runs: ``recorded_products``), x and the uploaded Grams [N, E+2, E+2] instead of z."""
     gram = n_tokens * c * c * (4 if half_weights else 8)
-    rows = n_tokens * hidden * 4 * (1 if recorded else 2) + (n_tokens * (n_experts + 2) ** 2 * 8 if recorded else 0)
-    return gram + 7 * n_tokens * n_experts * 8 + n_tokens * n_experts + rows
+    x = n_tokens * hidden * 4
+    z_or_grams = n_tokens * (n_experts + 2) ** 2 * 8 if recorded else n_tokens * hidden * 4
+    return gram + 7 * n_tokens * n_experts * 8 + n_tokens * n_experts + x + z_or_grams
 
 
 def layer_selection_bytes(ckpt, n_tokens: int, half_weights: bool) -> int:
