@@ -161,7 +161,7 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
             **actor_res, runtime_env=runtime_env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=st.index),
         ).remote(str(ckpt.path), list(st.layers), str(run), None, first_stage=st.index == 0, record=record,
-                 dtype=job.dtype))
+                 dtype=job.dtype, warm_up=(job.micro_batch, job.seq_len)))
     return LiveStages(stages, actors, pg)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,11 +24,16 @@ import numpy as np
 import ray
 import torch
 
-from mop_ray.arch.layer import build_layer, dtype_named, hf_config, layer_state_dict, rotary_embedding
+from actors.warm_up import warm_up as warm_up_layer
+from mop_ray.arch.layer import build_layer, compute_dtype, dtype_named, hf_config, layer_state_dict, rotary_embedding
 from mop_ray.checkpoint.prefetch import Prefetcher
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.observe.observer import MoEObserver
 from mop_ray.observe.records import SampleWriter, layer_dir, write_stats
+
+
+# where first calls cost enough to warm up (lazily loaded kernels, cuBLAS, pinned memory); MOP_RAY_WARM_UP=0: nowhere
+WARM_UP_DEVICES = ("cuda",)
 
 
 def pick_device() -> torch.device:
@@ -64,9 +70,12 @@ class LayerShardWorker:
     as it is on the device, so a stage computes layer j while layer j+1 still loads."""
 
     def __init__(self, model_dir: str, layers: list[int], run_dir: str, sources: list[str] | None, *,
-                 first_stage: bool, record: bool = True, dtype: str | None = None):
+                 first_stage: bool, record: bool = True, dtype: str | None = None,
+                 warm_up: tuple[int, int] | None = None):
         """Start loading the layers; with ``sources`` (the calibration's source names) also start recording, else
-        ``begin(sources)`` does (the coordinator starts the stages while it tokenises the calibration set)."""
+        ``begin(sources)`` does (the coordinator starts the stages while it tokenises the calibration set).
+        ``warm_up``: the micro-batches' shape (blocks, tokens per block); on a GPU, a stand-in layer runs one
+        beside the first layer's load (``actors.warm_up``), so the first wave does not pay the first calls."""
         t0 = time.perf_counter()
         self.load_times: dict[str, float] = {"read_s": 0.0}  # seconds per step of the load (benchmarks/speed.py)
         self.ckpt = Checkpoint(model_dir)
@@ -90,6 +99,11 @@ class LayerShardWorker:
         self.wave_events: list | None = None
         self._built: list[Future] = [Future() for _ in self.layer_ids]  # -> the decoder layer on the device
         self._inputs: Future = Future()  # -> (rotary embedding, token embedding or None)
+        self._warmed: Future = Future()  # done once the warm-up has run (at once without one)
+        on = self.device.type in WARM_UP_DEVICES and os.environ.get("MOP_RAY_WARM_UP", "1") != "0"
+        self._warm_up = warm_up if on and self.layer_ids else None
+        if self._warm_up is None:
+            self._warmed.set_result(None)
         self._loader = threading.Thread(target=self._load, args=(dtype_named(dtype), first_stage, t0),
                                         name="layer-load", daemon=True)
         self._loader.start()
@@ -109,6 +123,7 @@ class LayerShardWorker:
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         prefetch = Prefetcher(self.ckpt, ids)  # the next layers into the page cache while transformers imports
+        warming = None  # the warm-up thread, once started
         try:
             embed = reader.submit(self._read_embedding) if first_stage else None
             ahead = reader.submit(self._read, ids[0]) if ids else None
@@ -124,6 +139,9 @@ class LayerShardWorker:
                 if stream is not None:
                     stream.synchronize()
                 self._inputs.set_result((rotary, module))
+                if self._warm_up is not None:
+                    warming = threading.Thread(target=self._warm, args=(rotary, dtype), name="warm-up", daemon=True)
+                    warming.start()
                 times["read_wait_s"] = times["build_s"] = 0.0
                 for j, i in enumerate(ids):
                     t = time.perf_counter()
@@ -146,10 +164,31 @@ class LayerShardWorker:
             for f in [self._inputs, *self._built]:
                 if not f.done():
                     f.set_exception(e)
+            if warming is None and not self._warmed.done():
+                self._warmed.set_result(None)  # no warm-up thread will
         finally:
             prefetch.close()
             times["prefetched_gb"] = prefetch.read_bytes / 1e9
             reader.shutdown(wait=True, cancel_futures=True)
+
+    def _warm(self, rotary: torch.nn.Module, dtype: torch.dtype | None) -> None:
+        """The warm-up thread: ``actors.warm_up`` on the waves' stream (its memory stays cached for them), on the
+        stage's first MoE layer (else its first layer). A failure is logged, not raised: the first wave then pays
+        the first calls as it would have without a warm-up."""
+        moe = [i for i in self.layer_ids if i in self.ckpt.moe_layers]
+        layer = (moe or self.layer_ids)[0]
+        try:
+            dtype = dtype or compute_dtype(self.ckpt, sorted(self.ckpt.layer_tensors(layer)))
+            if self.device.type == "cuda":
+                self._compute = torch.cuda.Stream(self.device, priority=-1)
+            with torch.cuda.stream(self._compute) if self._compute is not None else nullcontext():
+                done = warm_up_layer(self.ckpt, layer, rotary, self.device, dtype, self._warm_up)
+            self.load_times["warm_up_s"] = done["s"]
+        except Exception as e:  # noqa: BLE001 - an optimisation only
+            print(f"mop-ray: stage warm-up on layer {layer} failed, going on without it: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+        finally:
+            self._warmed.set_result(None)
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
         t = time.perf_counter()
@@ -193,15 +232,7 @@ class LayerShardWorker:
             obs = self.observers.get(i)
             if obs is None or self._meta is None:  # not recording (or not yet begun): a plain forward
                 return plain(hidden_states, *args, **kwargs)
-            h = hidden_states.shape[-1]
-            x = hidden_states.reshape(-1, h)
-            m = self._meta
-            if obs.fits(x):
-                z = obs.forward(moe, x, m["source"], m["sample"], m["block"], m["pos"])
-            else:
-                z = plain(hidden_states, *args, **kwargs).reshape(-1, h)
-                obs.observe(moe, x, z, m["source"], m["sample"], m["block"], m["pos"])
-            return z.reshape(hidden_states.shape)
+            return obs.block_forward(moe, plain, self._meta, hidden_states, *args, **kwargs)
         return forward
 
     def forward(self, mb_id: int, inp: torch.Tensor, meta: dict, last: bool = False) -> torch.Tensor | None:
@@ -220,6 +251,7 @@ class LayerShardWorker:
         -> the wave's hidden states on the host for the next stage, None from the ``last`` stage."""
         for mb in mb_ids:
             _fault_injection(self.layer_ids, mb)
+        self._warmed.result()  # the warm-up runs on the waves' stream, before the first wave
         if self.device.type != "cuda":
             return self._forward_wave(inputs, metas, last, final)
         if self._compute is None:  # of higher priority than the worker's: selecting beside the waves delays them less

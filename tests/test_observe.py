@@ -199,7 +199,8 @@ def test_a_bfloat16_stage_records_its_sample_as_exact_bfloat16_bits(tiny_models,
                               first_stage=True, dtype="bfloat16")
     seen = {}
     worker.layers[layer].mlp.register_forward_hook(
-        lambda m, a, out: seen.update(x=a[0].reshape(-1, a[0].shape[-1]).clone(), z=out.reshape(-1, out.shape[-1]).clone()))
+        lambda m, a, out: seen.update(x=a[0].reshape(-1, a[0].shape[-1]).detach().to("cpu", copy=True),
+                                      z=out.reshape(-1, out.shape[-1]).detach().to("cpu", copy=True)))
     ids = torch.randint(0, 100, (2, 16))
     worker.forward(0, ids, {"source": np.array([0, 1]), "block": np.array([0, 1]), "sample": np.ones((2, 16), bool)})
     worker.finish()

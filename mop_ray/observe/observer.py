@@ -37,9 +37,12 @@ class MoEObserver:
     sampled rows go to the host through pinned memory without stalling the device (``SampleWriter`` waits)."""
 
     def __init__(self, layer: int, family: Family, spec: RouterSpec, n_experts: int, n_sources: int,
-                 sample_writer: SampleWriter | None):
+                 sample_writer: SampleWriter | None, acts_as: int | None = None):
+        """``acts_as``: the expert count whose paths this observer takes (``fits``, recorded products and outputs),
+        when it is not ``n_experts``: a warm-up's stand-in layer with fewer experts runs the kernels its layer runs."""
         self.layer, self.family, self.spec = layer, family, spec
         self.n_experts, self.n_sources = n_experts, n_sources
+        self.acts_as = acts_as or n_experts
         self._sums: dict[str, torch.Tensor] | None = None  # {field: [S, E] float64} on the block's device
         self.tokens = np.zeros(n_sources, dtype=np.int64)
         self.sample_writer = sample_writer
@@ -54,7 +57,20 @@ class MoEObserver:
     def fits(self, x: torch.Tensor) -> bool:
         """Whether every expert's output on x [T, H] fits ``mop_ray.plan.OUTPUTS_BUDGET`` at once (``forward`` keeps
         them; the stage's memory estimate counts them)."""
-        return self.n_experts * x.shape[0] * x.shape[1] * x.element_size() <= plan.OUTPUTS_BUDGET
+        return self.acts_as * x.shape[0] * x.shape[1] * x.element_size() <= plan.OUTPUTS_BUDGET
+
+    def block_forward(self, moe: torch.nn.Module, plain, meta: dict, hidden_states: torch.Tensor, *args, **kwargs):
+        """The MoE block's output for ``hidden_states`` [..., H], observed: from the all-experts pass (``forward``)
+        when every expert's output fits its budget, else the block as it is (``plain``, its own forward) and
+        ``observe``. ``meta``: the micro-batch's host tensors [T] "source", "sample", "block", "pos"."""
+        h = hidden_states.shape[-1]
+        x = hidden_states.reshape(-1, h)
+        if self.fits(x):
+            z = self.forward(moe, x, meta["source"], meta["sample"], meta["block"], meta["pos"])
+        else:
+            z = plain(hidden_states, *args, **kwargs).reshape(-1, h)
+            self.observe(moe, x, z, meta["source"], meta["sample"], meta["block"], meta["pos"])
+        return z.reshape(hidden_states.shape)
 
     @torch.no_grad()
     def forward(self, moe: torch.nn.Module, x: torch.Tensor, source: torch.Tensor, sample: torch.Tensor | None,
@@ -131,9 +147,9 @@ class MoEObserver:
             return
         rows = rows_host.to(x.device)
         parts = [t.index_select(0, rows) for t in (x, z, logits)]  # [N, H], [N, H], [N, E]
-        if records_products(self.n_experts):  # the rows' expert products, so selection runs no expert again
+        if records_products(self.acts_as):  # the rows' expert products, so selection runs no expert again
             parts += self._row_products(moe, parts[0], parts[1], rows, outputs, shared)  # [N, E+2, E+2], [N]
-        if not records_outputs(self.n_experts):
+        if not records_outputs(self.acts_as):
             parts[1] = None  # z: neither copied to the host nor written
         if not (x.dtype == torch.bfloat16 and z.dtype == torch.bfloat16):  # bf16 rows are stored as their bits
             parts[:2] = [None if t is None else t.float() for t in parts[:2]]  # the sampled rows only, not all T
