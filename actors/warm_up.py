@@ -1,6 +1,6 @@
 """A stage's first micro-batch call took 1.4–2.1 s on an H200 where the next took 47 ms
-(``benchmarks/first_call.py``): the process's first use of each CUDA kernel (loaded lazily), of cuBLAS and cuDNN, of the caching allocators for
-device and pinned memory, and of the sample writer — paid while the first wave waited for it. ``warm_up`` pays it
+(``benchmarks/first_call.py``): the process's first use of each CUDA kernel (loaded lazily), of cuBLAS and cuDNN,
+of the caching allocators for device and pinned memory, and of the sample writer — paid while the first wave waited for it. ``warm_up`` pays it
 beside the first layer's read instead: one micro-batch of the real shape through a stand-in decoder layer (the
 layer's config with the fewest experts its routing allows, random weights) observed as the stage observes, into a
 sample that is thrown away.
@@ -63,7 +63,8 @@ def warm_up(ckpt: Checkpoint, layer: int, rotary: torch.nn.Module, device: torch
     pos = torch.arange(seq, device=device).unsqueeze(0).expand(blocks, -1)  # [B, L]
     tokens = blocks * seq
     meta = {"source": torch.zeros(tokens, dtype=torch.long),
-            "block": torch.as_tensor(np.repeat(np.arange(blocks), seq)), "pos": torch.arange(seq).repeat(blocks), "sample": torch.arange(tokens) % SAMPLE_EVERY == 0}  # host, [T]
+            "block": torch.as_tensor(np.repeat(np.arange(blocks), seq)), "pos": torch.arange(seq).repeat(blocks),
+            "sample": torch.arange(tokens) % SAMPLE_EVERY == 0}  # host, [T] each
     experts = rows = None
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as tmp:
         writer = None
