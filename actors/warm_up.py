@@ -2,8 +2,8 @@
 (``benchmarks/first_call.py``): the process's first use of each CUDA kernel (loaded lazily), of cuBLAS and cuDNN,
 of the caching allocators for device and pinned memory, and of the sample writer — paid while the first wave waited
 for it. ``warm_up`` pays it beside the first layer's read instead: one micro-batch of the real shape through a
-stand-in decoder layer (the layer's config with the fewest experts its routing allows, random weights) observed as the stage observes, into a
-sample that is thrown away.
+stand-in decoder layer (the layer's config with the fewest experts its routing allows, random weights) observed as
+the stage observes, into a sample that is thrown away.
 """
 
 from __future__ import annotations
