@@ -20,7 +20,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 
-import numpy as np
 import ray
 import torch
 
@@ -28,7 +27,7 @@ from actors.warm_up import warm_up as warm_up_layer
 from mop_ray.arch.layer import build_layer, compute_dtype, dtype_named, hf_config, layer_state_dict, rotary_embedding
 from mop_ray.checkpoint.prefetch import Prefetcher
 from mop_ray.checkpoint.reader import Checkpoint
-from mop_ray.observe.observer import MoEObserver
+from mop_ray.observe.observer import MoEObserver, token_meta
 from mop_ray.observe.records import SampleWriter, layer_dir, write_stats
 
 
@@ -270,10 +269,7 @@ class LayerShardWorker:
             hs.append(h)
             pos.append(p)
             pes.append(rotary(h, p))
-            metas_host.append({"source": torch.as_tensor(np.repeat(meta["source"], seq)),  # host, [B*L] each
-                               "block": torch.as_tensor(np.repeat(meta["block"], seq)),
-                               "pos": torch.arange(seq).repeat(bsz),
-                               "sample": torch.from_numpy(np.array(meta["sample"], dtype=bool)).reshape(-1)})
+            metas_host.append(token_meta(meta["source"], meta["block"], seq, meta["sample"]))
         events = self.wave_events if dev.type == "cuda" else None
         try:
             _event_after(events, None, None)

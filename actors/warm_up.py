@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mop_ray.arch.layer import hf_config
+from mop_ray.arch.layer import hf_config, meta_layer
 from mop_ray.arch.routing import RouterSpec
 from mop_ray.checkpoint.reader import Checkpoint
-from mop_ray.observe.observer import MoEObserver
+from mop_ray.observe.observer import MoEObserver, token_meta
 from mop_ray.observe.records import SampleWriter
 
 TMP_PREFIX = "mop-ray-warm-up-"  # the throwaway sample's directory, removed after the warm-up
@@ -38,11 +38,7 @@ def standin_layer(ckpt: Checkpoint, layer: int, device: torch.device, dtype: tor
     fam = ckpt.family
     moe = layer in ckpt.moe_layers
     experts = standin_experts(fam.router_spec(ckpt.config), ckpt.experts_in(layer)) if moe else None
-    config = hf_config(ckpt, experts=experts)
-    cls = getattr(fam.modeling(), fam.decoder_layer_class)
-    with torch.device("meta"):
-        module = cls(config, layer_idx=layer)
-    module = module.to_empty(device=device).to(dtype).eval()
+    module = meta_layer(ckpt, layer, hf_config(ckpt, experts=experts)).to_empty(device=device).to(dtype).eval()
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             if t.is_floating_point():
@@ -61,10 +57,8 @@ def warm_up(ckpt: Checkpoint, layer: int, rotary: torch.nn.Module, device: torch
     blocks, seq = shape
     h = torch.randn(blocks, seq, int(ckpt.config["hidden_size"]), device=device, dtype=dtype)  # [B, L, H]
     pos = torch.arange(seq, device=device).unsqueeze(0).expand(blocks, -1)  # [B, L]
-    tokens = blocks * seq
-    meta = {"source": torch.zeros(tokens, dtype=torch.long),
-            "block": torch.as_tensor(np.repeat(np.arange(blocks), seq)), "pos": torch.arange(seq).repeat(blocks),
-            "sample": torch.arange(tokens) % SAMPLE_EVERY == 0}  # host, [T] each
+    meta = token_meta(np.zeros(blocks, dtype=np.int64), np.arange(blocks), seq,
+                      np.arange(blocks * seq).reshape(blocks, seq) % SAMPLE_EVERY == 0)
     experts = rows = None
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as tmp:
         writer = None

@@ -268,16 +268,20 @@ def dtype_named(name: str | None) -> torch.dtype | None:
     return None if name in (None, "auto") else getattr(torch, name)
 
 
+def meta_layer(ckpt: Checkpoint, i: int, config) -> torch.nn.Module:
+    """Decoder layer i's class built from ``config`` on the meta device: shapes only, no storage."""
+    cls = getattr(ckpt.family.modeling(), ckpt.family.decoder_layer_class)
+    with torch.device("meta"):
+        return cls(config, layer_idx=i)
+
+
 def build_layer(ckpt: Checkpoint, i: int, *, config=None, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """Decoder layer i of ``ckpt``, built on meta and filled with its own tensors only (eval mode).
 
     ``state_dict``: the layer's ``layer_state_dict``, when the caller has read it already (e.g. ahead of time).
     """
-    config = config or hf_config(ckpt)
-    cls = getattr(ckpt.family.modeling(), ckpt.family.decoder_layer_class)
-    with torch.device("meta"):
-        layer = cls(config, layer_idx=i)
+    layer = meta_layer(ckpt, i, config or hf_config(ckpt))
     sd = dict(layer_state_dict(ckpt, i, packed_fp8=True) if state_dict is None else state_dict)
     for name, (w, scale_inv, rows, cols, dt, shape) in sd.pop(PACKED_FP8, {}).items():  # float8 to the device,
         sd[name] = dequantize_experts(host_to_device(w, device), host_to_device(scale_inv, device),  # dequantized there

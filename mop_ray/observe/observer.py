@@ -25,6 +25,16 @@ from mop_ray.arch.experts import expert_forward
 from mop_ray.observe.records import STAT_FIELDS, SampleWriter, records_outputs, records_products
 
 
+def token_meta(source, block, seq: int, sample) -> dict[str, torch.Tensor]:
+    """Per-token host tensors of a micro-batch, as ``MoEObserver.block_forward`` takes them: ``source`` and
+    ``block`` ([B] ints, one per block) repeated over the ``seq`` tokens of each block, ``pos`` the token's place in
+    its block, ``sample`` ([B, seq] bools) whether the token is a sample row; [B*seq] each."""
+    source, block = np.asarray(source), np.asarray(block)
+    return {"source": torch.as_tensor(np.repeat(source, seq)), "block": torch.as_tensor(np.repeat(block, seq)),
+            "pos": torch.arange(seq).repeat(len(block)),
+            "sample": torch.from_numpy(np.array(sample, dtype=bool)).reshape(-1)}
+
+
 def single_expert_weight(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
     """Gate weight of expert e when it is the only kept expert, [T, E] (MoP's E_i(x) = w·f_i(x) + shared)."""
     if spec.scoring == "softmax" or spec.norm_topk_prob:
