@@ -7,6 +7,7 @@ import socket
 
 import ray
 
+from mop_ray.bytecode import use_bytecode_cache
 from mop_ray.errors import MopError
 
 _STARTED_HERE = {"local": False}  # True when connect() started a private local Ray (no autoscaler behind it)
@@ -19,11 +20,14 @@ def started_locally() -> bool:
 def connect(address: str | None = None) -> None:
     """Join a running cluster when an address is given (or RAY_ADDRESS is set); else start a local Ray.
 
-    A local instance binds to loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) and has no dashboard.
+    A local instance binds to loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) and has no dashboard. Where the
+    installed packages have no compiled bytecode and cannot take it, the driver and a local Ray's workers cache it
+    under ~/.cache/mop-ray/pycache (``mop_ray.bytecode``).
     """
     if ray.is_initialized():
         return
     check_reachable(address)
+    use_bytecode_cache()  # before the driver's transformers import and the local workers' start: they inherit it
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:

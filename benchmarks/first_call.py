@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--case", choices=CASES)
     ap.add_argument("--out-json")
     args = ap.parse_args()
+    from mop_ray.bytecode import use_bytecode_cache
+
+    use_bytecode_cache()  # as a stage started by the CLI has it (MOP_RAY_PYCACHE=0: off)
     if args.case:  # a child: one case, its result as JSON on the last line
         print(json.dumps(run_case(args)))
         return

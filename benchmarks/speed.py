@@ -647,7 +647,7 @@ def fmt(x, digits=2):
 def environment() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    env = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
+    env = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "bytecode_cache": sys.pycache_prefix}
     for pkg in ("torch", "transformers", "ray", "safetensors", "mop-ray"):
         try:
             env[pkg] = version(pkg)
@@ -867,6 +867,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true", help="tqdm bars of the coordinator")
     ap.add_argument("--poll", type=float, default=0.5, help="seconds between memory samples")
     args = ap.parse_args(argv)
+    from mop_ray.bytecode import use_bytecode_cache
+
+    use_bytecode_cache()  # as the CLI's connect() does, before torch's and transformers' imports (MOP_RAY_PYCACHE=0: off)
 
     from mop_ray.checkpoint.reader import Checkpoint
     from mop_ray.errors import MopError
