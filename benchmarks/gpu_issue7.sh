@@ -7,13 +7,16 @@
 #   bash benchmarks/gpu_issue7.sh scaling         # the same job on 1, 2, ... GPUs, up to the machine's count
 #   bash benchmarks/gpu_issue7.sh first-call      # a stage's first micro-batch calls, cold and after its warm-up
 #   bash benchmarks/gpu_issue7.sh tests           # the tests that need a GPU
+#   bash benchmarks/gpu_issue7.sh startup         # the machine's bytecode state (mop_ray.bytecode), the imports of a
+#                                                 # driver and a stage with and without the cache, then the mixtral
+#                                                 # job with the cache off (MOP_RAY_PYCACHE=0) and on
 #
 # Needs mop-ray importable (PYTHONPATH) and CORPUS (default ../shared/data/corpus; on the lent machine a copy in
 # .device/corpus): the six train.jsonl.gz files, as the mixture the RESULTS.md runs calibrate on (the embedded
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | scaling | first-call | tests}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | scaling | first-call | tests | startup}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
@@ -61,6 +64,39 @@ case $step in
       "tests/test_faults.py::test_a_stage_lost_while_selecting_after_or_beside_observe" \
       "tests/test_observe.py::test_a_bfloat16_stage_records_its_sample_as_exact_bfloat16_bits" 2>&1 |
       tee "$OUT/gpu-tests.log" | tail -15 ;;
+  startup)
+    python - <<'PY' | tee "$OUT/startup.txt"
+import importlib.util, os, sys
+from mop_ray.bytecode import PROBES, uncached
+print("python", sys.version.split()[0], "dont_write_bytecode", sys.dont_write_bytecode, "prefix", sys.pycache_prefix)
+for p in PROBES:
+    spec = importlib.util.find_spec(p)
+    d = os.path.dirname(spec.origin) if spec and spec.origin else None
+    print(f"{p}: {d} writable={d and os.access(d, os.W_OK)} uncached={uncached(p)}")
+PY
+    imports() {  # $1: label; a fresh process importing what a driver and a stage import
+      local s e; s=$(date +%s.%N)
+      python -c "import torch, datasets; from transformers import AutoTokenizer; import transformers.models.mixtral.modeling_mixtral"
+      e=$(date +%s.%N); python -c "print('$1: torch, datasets, tokenizer, Mixtral layer imported in', round($e - $s, 2), 's')"
+    }
+    { imports plain; imports plain-again
+      (export PYTHONPYCACHEPREFIX=$D/pycache; unset PYTHONDONTWRITEBYTECODE; imports cache-first; imports cache-second)
+    } | tee -a "$OUT/startup.txt"
+    mixture; model
+    for case in off on; do
+      if [ $case = off ]; then export MOP_RAY_PYCACHE=0; else export MOP_RAY_PYCACHE=$D/pycache; fi
+      python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
+        --seq-len 2048 --sample 65536 --out-json "$OUT/speed-mixtral-8l-pycache-$case.json" \
+        > "$OUT/speed-mixtral-8l-pycache-$case.md" 2>&1
+      python - "$OUT/speed-mixtral-8l-pycache-$case.json" <<'PY' | tee -a "$OUT/startup.txt"
+import json, sys
+r = json.load(open(sys.argv[1]))["runs"][0]
+load, stage = r["placement"][0]["load"], r["stage_actors"][0]
+print(sys.argv[1].rsplit("/", 1)[-1], "total", r["wall_s"], "calibrate", r["timings"]["calibrate_s"],
+      "driver imports", r["calibrate"]["imports_s"], "stage imports", load["config_s"],
+      "layer 0 on the GPU", round(stage["built_unix"]["0"] - r["run_start_unix"], 2), "observe", r["timings"]["observe_s"])
+PY
+    done ;;
   *)
-    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, scaling, first-call or tests" >&2; exit 2 ;;
+    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, scaling, first-call, tests or startup" >&2; exit 2 ;;
 esac
