@@ -33,7 +33,9 @@ job() {  # $1: label; the rest: env arguments
   local cal stage
   cal=$(grep -o "imports [0-9.]*s" "$W/log" | head -1)
   stage=$(grep -o "loaded layers [0-9-]* in [0-9.]*s\|; imports [0-9.]*s" "$W/log" | tr '\n' ' ')
-  printf '%-12s driver calibration %-14s stage %-40s wall %s s\n' "$label" "$cal" "$stage" "$(python3 -c "print(round($e - $s, 2))")"
+  local wall
+  wall=$(python3 -c "print(round($e - $s, 2))")
+  printf '%-12s driver calibration %-14s stage %-40s wall %s s\n' "$label" "$cal" "$stage" "$wall"
 }
 
 for i in $(seq 1 "$runs"); do

@@ -76,8 +76,9 @@ for p in PROBES:
 PY
     imports() {  # $1: label; a fresh process importing what a driver and a stage import
       local s e; s=$(date +%s.%N)
-      python -c "import torch, datasets; from transformers import AutoTokenizer; import transformers.models.mixtral.modeling_mixtral"
-      e=$(date +%s.%N); python -c "print('$1: torch, datasets, tokenizer, Mixtral layer imported in', round($e - $s, 2), 's')"
+      python -c "import torch, datasets, transformers.models.mixtral.modeling_mixtral; from transformers import AutoTokenizer"
+      e=$(date +%s.%N)
+      python -c "print('$1: torch, datasets, tokenizer, Mixtral layer imported in', round($e - $s, 2), 's')"
     }
     { imports plain; imports plain-again
       (export PYTHONPYCACHEPREFIX=$D/pycache; unset PYTHONDONTWRITEBYTECODE; imports cache-first; imports cache-second)
@@ -94,7 +95,8 @@ r = json.load(open(sys.argv[1]))["runs"][0]
 load, stage = r["placement"][0]["load"], r["stage_actors"][0]
 print(sys.argv[1].rsplit("/", 1)[-1], "total", r["wall_s"], "calibrate", r["timings"]["calibrate_s"],
       "driver imports", r["calibrate"]["imports_s"], "stage imports", load["config_s"],
-      "layer 0 on the GPU", round(stage["built_unix"]["0"] - r["run_start_unix"], 2), "observe", r["timings"]["observe_s"])
+      "layer 0 on the GPU", round(stage["built_unix"]["0"] - r["run_start_unix"], 2),
+      "observe", r["timings"]["observe_s"])
 PY
     done ;;
   *)
