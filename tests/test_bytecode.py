@@ -46,6 +46,18 @@ def deny_writes_under(monkeypatch, top: Path):
     monkeypatch.setattr(bytecode.os, "access", access)
 
 
+def import_in_child(package: Path) -> None:
+    subprocess.run([sys.executable, "-c", f"import {package.name}"], check=True,
+                   env={**os.environ, "PYTHONPATH": str(package.parent)})
+
+
+def assert_a_child_compiles_into(cache: Path, package: Path) -> None:
+    """A process started from here (a local Ray worker) compiles ``package`` into ``cache``, not beside it."""
+    import_in_child(package)
+    assert not (package / "__pycache__").exists()
+    assert list(cache.rglob(f"{package.name}/__init__.*.pyc"))
+
+
 def test_installed_packages_here_need_no_cache(restore_prefix):
     assert not any(bytecode.uncached(p) for p in bytecode.PROBES)
     assert not bytecode.uncached("no_such_package_anywhere")
@@ -55,8 +67,7 @@ def test_installed_packages_here_need_no_cache(restore_prefix):
 
 def test_a_writable_or_compiled_package_needs_no_cache(package, restore_prefix):
     assert not bytecode.uncached("mop_probe_pkg")  # no .pyc yet, but Python can write one
-    subprocess.run([sys.executable, "-c", "import mop_probe_pkg"], check=True,
-                   env={**os.environ, "PYTHONPATH": str(package.parent)})
+    import_in_child(package)
     assert list((package / "__pycache__").glob("__init__.*.pyc"))
     assert not bytecode.uncached("mop_probe_pkg")
 
@@ -68,11 +79,7 @@ def test_a_read_only_uncompiled_package_gets_a_cache_the_children_use(package, t
     cache = tmp_path / "pycache"
     assert bytecode.use_bytecode_cache(cache, probes=("mop_probe_pkg",)) == cache
     assert sys.pycache_prefix == str(cache) and os.environ["PYTHONPYCACHEPREFIX"] == str(cache)
-    # a process started from here (a local Ray worker) compiles into the cache, not beside the source
-    subprocess.run([sys.executable, "-c", "import mop_probe_pkg"], check=True,
-                   env={**os.environ, "PYTHONPATH": str(package.parent)})
-    assert not (package / "__pycache__").exists()
-    assert list(cache.rglob("mop_probe_pkg/__init__.*.pyc"))
+    assert_a_child_compiles_into(cache, package)
     assert not bytecode.uncached("mop_probe_pkg")  # compiled now, in the cache
 
 
@@ -84,10 +91,7 @@ def test_dont_write_bytecode_gets_the_cache_and_nothing_beside_the_sources(packa
     cache = tmp_path / "pycache"
     assert bytecode.use_bytecode_cache(cache, probes=("mop_probe_pkg",)) == cache
     assert not sys.dont_write_bytecode and "PYTHONDONTWRITEBYTECODE" not in os.environ
-    subprocess.run([sys.executable, "-c", "import mop_probe_pkg"], check=True,
-                   env={**os.environ, "PYTHONPATH": str(package.parent)})
-    assert not (package / "__pycache__").exists()
-    assert list(cache.rglob("mop_probe_pkg/__init__.*.pyc"))
+    assert_a_child_compiles_into(cache, package)
 
 
 @pytest.mark.parametrize("setting", ["user prefix", "off"])
