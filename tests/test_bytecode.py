@@ -26,12 +26,18 @@ def package(tmp_path, monkeypatch):
 @pytest.fixture
 def restore_prefix(monkeypatch):
     """Bytecode written as a plain Python writes it (this machine sets PYTHONDONTWRITEBYTECODE); sys and the
-    environment put back after the test."""
+    environment put back after the test. The environment is restored whole: monkeypatch.delenv of an unset
+    variable records nothing, so a PYTHONPYCACHEPREFIX that use_bytecode_cache sets would outlive the test, and
+    every later Ray worker of the session would compile its imports from source (PYTHONDONTWRITEBYTECODE being
+    back) — that doubled the fault tests' times."""
+    saved = dict(os.environ)
     monkeypatch.setattr(sys, "pycache_prefix", None)
     monkeypatch.setattr(sys, "dont_write_bytecode", False)
     for var in ("PYTHONPYCACHEPREFIX", "MOP_RAY_PYCACHE", "PYTHONDONTWRITEBYTECODE"):
         monkeypatch.delenv(var, raising=False)
     yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def deny_writes_under(monkeypatch, top: Path):
