@@ -6,8 +6,9 @@ compiling (``uv`` by default, ``pip --no-compile``) into a directory the job can
 transformers, torch, Ray and datasets from source again. On this project's CPU machine, forcing that
 (``PYTHONDONTWRITEBYTECODE=1`` and an empty ``PYTHONPYCACHEPREFIX``) turned a stage's imports from 1.3 + 2.1 s
 (torch and the stage's modules, then transformers' Mixtral layer) into 4.1 + 7.2–8.5 s, and the driver's
-calibration imports from 0.5 into 1.7–2.0 s — about what the GPU machines' stages and drivers spent before the
-first layer (``benchmarks/RESULTS.md``, where that cause is still to be confirmed on a GPU machine).
+calibration imports from 0.5 into 1.7–2.0 s. On the H100 machines (PYTHONDONTWRITEBYTECODE=1, torch without
+``.pyc``) the cache took a driver's and a stage's imports from 15–20 s to 7 s and the Mixtral benchmark job from
+34.9 to 23.6–24.8 s (``benchmarks/RESULTS.md``, "Start-up with the bytecode cache, measured").
 
 ``use_bytecode_cache`` points Python at a writable cache directory (``sys.pycache_prefix``) in such an environment:
 the first process compiles into it, every later one (the stages, the selection tasks, the next job) reads it.
