@@ -17,6 +17,18 @@ import pytest  # noqa: E402
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe"]
 
 
+@pytest.fixture(autouse=True)
+def _bytecode_settings_kept():
+    """Fails a test that leaves PYTHONPYCACHEPREFIX or PYTHONDONTWRITEBYTECODE changed: every later Ray worker of
+    the session would inherit them (a prefix whose cache is never written compiles every import from source; it
+    made the suite twice as slow once)."""
+    keys = ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    after = {k: os.environ.get(k) for k in keys}
+    assert after == before, f"the test changed the bytecode settings of later processes: {before} -> {after}"
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{family: path} of tiny random checkpoints, several shards each, with a tokenizer."""
