@@ -129,8 +129,9 @@ class MoEObserver:
         norms = torch.empty(T, E, dtype=torch.float32, device=dev)
         err = torch.empty(T, E, dtype=torch.float32, device=dev)  # per token in float32, summed in float64
         for e in range(E):  # one batched expert evaluation over all T tokens
-            f = (outputs[e] if outputs is not None else expert_forward(moe.experts, x, e)).float()  # [T, H]
-            norms[:, e] = torch.linalg.vector_norm(f, dim=-1)
+            f = outputs[e] if outputs is not None else expert_forward(moe.experts, x, e)  # [T, H], compute dtype
+            # float32 without a float32 copy of f: both ops upcast as they read (the same values as f.float())
+            norms[:, e] = torch.linalg.vector_norm(f, dim=-1, dtype=torch.float32)
             err[:, e] = torch.addcmul(base, c[:, e, None], f).square().sum(dim=-1)  # MoP Eq. 5: ‖E_e(x) − Z‖²
 
         per_token = {
