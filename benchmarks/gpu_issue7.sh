@@ -6,6 +6,7 @@
 #                                                 # GPU times (first_wave_ms) printed
 #   bash benchmarks/gpu_issue7.sh scaling         # the same job on 1, 2, ... GPUs, up to the machine's count
 #   bash benchmarks/gpu_issue7.sh first-call      # a stage's first micro-batch calls, cold and after its warm-up
+#   bash benchmarks/gpu_issue7.sh profile         # a wave's micro-batch call, op by op (observe_profile.py, 2 layers)
 #   bash benchmarks/gpu_issue7.sh tests           # the tests that need a GPU
 #   bash benchmarks/gpu_issue7.sh startup         # the machine's bytecode state (mop_ray.bytecode), the imports of a
 #                                                 # driver and a stage with and without the cache, then the mixtral
@@ -16,7 +17,7 @@
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | scaling | first-call | tests | startup}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | scaling | first-call | profile | tests | startup}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
@@ -57,6 +58,13 @@ case $step in
     python benchmarks/first_call.py --model "$D/mx2" --layers 1 --calls 6 --out-json "$OUT/first-call.json" \
       > "$OUT/first-call.txt" 2>&1
     grep "calls (ms)" "$OUT/first-call.txt" ;;
+  profile)  # where a wave's micro-batch call goes: observe_profile.py on 2 layers (decoder only, + statistics,
+    # + sample) with the top ops of one call
+    [ -f "$D/mx2/model.safetensors.index.json" ] ||
+      python benchmarks/make_synthetic.py --preset mixtral-8x7b --layers 2 --out "$D/mx2" 2>&1 | tail -1
+    python benchmarks/observe_profile.py --model "$D/mx2" --micro-batches 8 --out-json "$OUT/observe-profile$TAG.json" \
+      > "$OUT/observe-profile$TAG.txt" 2>&1
+    head -3 "$OUT/observe-profile$TAG.txt" ;;
   tests)
     # the GPU-only tests (staged copies, CUDA graphs) and those whose numbers differ on a GPU (recorded products,
     # FP8 dequantized on the device, bf16 rows, selection beside the waves)
@@ -100,5 +108,5 @@ print(sys.argv[1].rsplit("/", 1)[-1], "total", r["wall_s"], "calibrate", r["timi
 PY
     done ;;
   *)
-    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, scaling, first-call, tests or startup" >&2; exit 2 ;;
+    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, scaling, first-call, profile, tests or startup" >&2; exit 2 ;;
 esac
