@@ -31,9 +31,10 @@ mixture() {  # $D/mix.yaml: one source per corpus domain's train split
   done
 }
 
-model() {  # $D/mx8: the Mixtral-8x7B-shaped checkpoint, 8 layers (made once per machine)
-  [ -f "$D/mx8/model.safetensors.index.json" ] ||
-    python benchmarks/make_synthetic.py --preset mixtral-8x7b --layers 8 --out "$D/mx8" 2>&1 | tail -3
+model() {  # $D/mx${1:-8}: the Mixtral-8x7B-shaped checkpoint with $1 layers, default 8 (made once per machine)
+  local n=${1:-8}
+  [ -f "$D/mx$n/model.safetensors.index.json" ] ||
+    python benchmarks/make_synthetic.py --preset mixtral-8x7b --layers "$n" --out "$D/mx$n" 2>&1 | tail -3
 }
 
 case $step in
@@ -53,15 +54,13 @@ case $step in
       > "$OUT/speed-mixtral-8l-scaling-$n.md" 2>&1
     tail -30 "$OUT/speed-mixtral-8l-scaling-$n.md" ;;
   first-call)
-    [ -f "$D/mx2/model.safetensors.index.json" ] ||
-      python benchmarks/make_synthetic.py --preset mixtral-8x7b --layers 2 --out "$D/mx2" 2>&1 | tail -1
+    model 2
     python benchmarks/first_call.py --model "$D/mx2" --layers 1 --calls 6 --out-json "$OUT/first-call.json" \
       > "$OUT/first-call.txt" 2>&1
     grep "calls (ms)" "$OUT/first-call.txt" ;;
   profile)  # where a wave's micro-batch call goes: observe_profile.py on 2 layers (decoder only, + statistics,
     # + sample) with the top ops of one call
-    [ -f "$D/mx2/model.safetensors.index.json" ] ||
-      python benchmarks/make_synthetic.py --preset mixtral-8x7b --layers 2 --out "$D/mx2" 2>&1 | tail -1
+    model 2
     python benchmarks/observe_profile.py --model "$D/mx2" --micro-batches 8 --out-json "$OUT/observe-profile$TAG.json" \
       > "$OUT/observe-profile$TAG.txt" 2>&1
     head -3 "$OUT/observe-profile$TAG.txt" ;;
