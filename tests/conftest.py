@@ -13,6 +13,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Triton's CPU interpreter for the fused kernels' tests (test_kernels.py) where there is no GPU: it must be chosen
+# before Triton's first import; the kernels still run only where a test sets MOP_RAY_FUSED=interpret.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe"]
 

@@ -22,6 +22,7 @@ import torch
 from mop_ray import plan
 from mop_ray.arch import Family, RouterSpec, route
 from mop_ray.arch.experts import expert_forward
+from mop_ray.arch.kernels import error_and_norm
 from mop_ray.observe.records import STAT_FIELDS, SampleWriter, records_outputs, records_products
 
 
@@ -130,9 +131,7 @@ class MoEObserver:
         err = torch.empty(T, E, dtype=torch.float32, device=dev)  # per token in float32, summed in float64
         for e in range(E):  # one batched expert evaluation over all T tokens
             f = outputs[e] if outputs is not None else expert_forward(moe.experts, x, e)  # [T, H], compute dtype
-            # float32 without a float32 copy of f: both ops upcast as they read (the same values as f.float())
-            norms[:, e] = torch.linalg.vector_norm(f, dim=-1, dtype=torch.float32)
-            err[:, e] = torch.addcmul(base, c[:, e, None], f).square().sum(dim=-1)  # MoP Eq. 5: ‖E_e(x) − Z‖²
+            error_and_norm(f, base, c[:, e], err[:, e], norms[:, e])  # MoP Eq. 5: ‖E_e(x) − Z‖², and ‖f_e(x)‖
 
         per_token = {
             "freq": routed,

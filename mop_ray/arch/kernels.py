@@ -1,0 +1,84 @@
+"""Fused GPU kernels (Triton) for the elementwise work between the experts' matmuls, with their torch equivalents.
+
+On a Mixtral-8x7B-shaped layer the waves' micro-batch call spends ~35 ms in matmuls and ~15 ms more in
+elementwise passes over [T, I] and [T, H] tensors (benchmarks/RESULTS.md, "Start-up with the bytecode cache"):
+SwiGLU as torch writes it reads the gate and up halves through strided views and makes two [T, I] temporaries, and
+the observer's per-expert error and norm take five passes over [T, H] float32 tensors. The two kernels here do each
+in one pass:
+
+- ``swiglu(gate_up, act)``: act(g)·u from the gate/up projection [T, 2I] → [T, I] (reads 2·T·I, writes T·I);
+- ``error_and_norm(f, base, c, err, norm)``: per token ‖base + c·f‖² and ‖f‖ (MoP Eq. 5 and the expert
+  activation norm) into columns of [T, E] tables, reading f and base once.
+
+They run on CUDA tensors where Triton imports, unless ``MOP_RAY_FUSED=0``; everywhere else (CPU, activations other
+than SiLU, strided inputs) the torch code computes the same values. Rounding follows torch's: SiLU in float32 rounded
+to the input dtype before the product, the error summed in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def _silu_like(act) -> bool:
+    """Whether ``act`` is SiLU (torch's module or transformers' ``SiLUActivation``, whichever a version builds)."""
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+@functools.cache
+def _triton():
+    """The module of jitted kernels (``_triton_kernels``), or None where Triton does not import."""
+    try:
+        from mop_ray.arch import _triton_kernels
+    except Exception:  # noqa: BLE001 - no Triton (CPU wheels of torch): the torch path
+        return None
+    return _triton_kernels
+
+
+def fused(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for tensors like ``t``. ``MOP_RAY_FUSED``: ``0`` never; unset (or ``1``) on
+    CUDA tensors where Triton imports; ``interpret`` on CPU tensors too, through Triton's interpreter, which
+    needs ``TRITON_INTERPRET=1`` set before Triton's first import (the tests on machines without a GPU)."""
+    mode = os.environ.get("MOP_RAY_FUSED", "1")
+    if mode == "0":
+        return False
+    if t.device.type != "cuda" and not (mode == "interpret" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return _triton() is not None
+
+
+def swiglu(gate_up: torch.Tensor, act) -> torch.Tensor:
+    """act(gate)·up for the gate/up projection gate_up [T, 2I] (gate first, as transformers' fused experts lay it
+    out) -> [T, I] in gate_up's dtype."""
+    if not (_silu_like(act) and gate_up.dim() == 2 and gate_up.is_contiguous() and fused(gate_up)):
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+        return act(gate) * up
+    k = _triton()
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)  # [T, I]
+    block = 1024
+    if rows:
+        k.swiglu_kernel[(rows, k.triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, num_warps=4)
+    return out
+
+
+def error_and_norm(f: torch.Tensor, base: torch.Tensor, c: torch.Tensor, err: torch.Tensor,
+                   norm: torch.Tensor) -> None:
+    """For one expert's outputs f [T, H] (compute dtype), base [T, H] float32 and its single-expert gate c [T]:
+    err[t] = ‖base_t + c_t·f_t‖² (MoP Eq. 5, E_e(x) − Z = c·f_e + base) and norm[t] = ‖f_t‖₂, written into the
+    float32 [T] views err and norm (columns of [T, E] tables), both summed in float32."""
+    if not (fused(f) and f.is_contiguous() and base.is_contiguous() and base.dtype == torch.float32
+            and c.dtype == err.dtype == norm.dtype == torch.float32 and err.stride(0) == norm.stride(0)):
+        # float32 without a float32 copy of f: both ops upcast as they read (the same values as f.float())
+        norm.copy_(torch.linalg.vector_norm(f, dim=-1, dtype=torch.float32))
+        err.copy_(torch.addcmul(base, c[:, None], f).square().sum(dim=-1))
+        return
+    k = _triton()
+    rows, hidden = f.shape
+    block = min(4096, k.triton.next_power_of_2(hidden))
+    if rows:
+        k.error_norm_kernel[(rows,)](f, base, c, err, norm, hidden, c.stride(0), err.stride(0), BLOCK=block,
+                                 num_warps=8)
