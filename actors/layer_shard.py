@@ -24,6 +24,7 @@ import ray
 import torch
 
 from actors.warm_up import warm_up as warm_up_layer
+from mop_ray.arch.kernels import prepare as prepare_kernels
 from mop_ray.arch.layer import build_layer, compute_dtype, dtype_named, hf_config, layer_state_dict, rotary_embedding
 from mop_ray.checkpoint.prefetch import Prefetcher
 from mop_ray.checkpoint.reader import Checkpoint
@@ -106,6 +107,11 @@ class LayerShardWorker:
         self._loader = threading.Thread(target=self._load, args=(dtype_named(dtype), first_stage, t0),
                                         name="layer-load", daemon=True)
         self._loader.start()
+        # the fused kernels' first launch (Triton's driver, ~0.5 s) beside the imports; the warm-up waits for it
+        self._kernels = threading.Thread(target=self._prepare_kernels, args=(dtype_named(dtype),),
+                                         name="kernels", daemon=True)
+        if self._warm_up is not None:
+            self._kernels.start()
         if sources is not None:
             self.begin(sources)
 
@@ -176,6 +182,7 @@ class LayerShardWorker:
         the first calls as it would have without a warm-up."""
         moe = [i for i in self.layer_ids if i in self.ckpt.moe_layers]
         layer = (moe or self.layer_ids)[0]
+        self._kernels.join()
         try:
             dtype = dtype or compute_dtype(self.ckpt, sorted(self.ckpt.layer_tensors(layer)))
             if self.device.type == "cuda":
@@ -188,6 +195,15 @@ class LayerShardWorker:
                   file=sys.stderr, flush=True)
         finally:
             self._warmed.set_result(None)
+
+    def _prepare_kernels(self, dtype: torch.dtype | None) -> None:
+        """The kernels thread: ``mop_ray.arch.kernels.prepare`` in the layers' dtype (bf16 when the checkpoint
+        does not say); a failure is logged, not raised (the warm-up then pays the first launch)."""
+        try:
+            self.load_times["kernels_s"] = prepare_kernels(self.device, dtype or torch.bfloat16)
+        except Exception as e:  # noqa: BLE001 - an optimisation only
+            print(f"mop-ray: stage could not prepare the fused kernels: {type(e).__name__}: {e}", file=sys.stderr,
+                  flush=True)
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
         t = time.perf_counter()

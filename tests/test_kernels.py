@@ -101,3 +101,25 @@ def test_observer_statistics_are_the_same_with_the_kernels(dev, monkeypatch, tin
     for got, want in zip(fused_stats, torch_stats):
         for name, value in want.items():
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_prepare_launches_both_kernels_once_and_nothing_when_they_are_off(dev, monkeypatch):
+    launched = []
+    for name in ("swiglu_kernel", "error_norm_kernel"):
+        kernel = getattr(kernels._triton(), name)
+        monkeypatch.setattr(kernels._triton(), name, Recorded(kernel, name, launched))
+    assert kernels.prepare(dev) > 0
+    assert launched == ["swiglu_kernel", "error_norm_kernel"]
+    monkeypatch.setenv("MOP_RAY_FUSED", "0")
+    assert kernels.prepare(dev) == 0.0 and len(launched) == 2
+
+
+class Recorded:
+    """A jitted kernel whose launches (``kernel[grid](...)``) are recorded by name, then run."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]

@@ -17,8 +17,10 @@ to the input dtype before the product, the error summed in float32.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import time
 
 import torch
 
@@ -82,3 +84,22 @@ def error_and_norm(f: torch.Tensor, base: torch.Tensor, c: torch.Tensor, err: to
     if rows:
         k.error_norm_kernel[(rows,)](f, base, c, err, norm, hidden, c.stride(0), err.stride(0), BLOCK=block,
                                  num_warps=8)
+
+
+def prepare(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Launch both kernels once on tiny ``dtype`` inputs on ``device`` (a side stream), so this process has loaded
+    Triton's driver, its launchers and the kernels before a real call needs them: ~0.5 s in a fresh process even
+    with the kernels in Triton's cache (benchmarks/triton_first_use.py). A stage does it beside its imports.
+    -> seconds taken (0.0 where the kernels do not run on ``device``)."""
+    t0 = time.perf_counter()
+    if not fused(torch.empty(0, device=device)):
+        return 0.0
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        swiglu(torch.zeros(1, 32, device=device, dtype=dtype), torch.nn.SiLU())  # [1, 2I], I = 16
+        f = torch.zeros(1, 16, device=device, dtype=dtype)  # [T, H], H = 16
+        c, err, norm = (torch.zeros(1, 2, device=device) for _ in range(3))  # [T, E], E = 2
+        error_and_norm(f, torch.zeros(1, 16, device=device), c[:, 0], err[:, 0], norm[:, 0])
+    if stream is not None:
+        stream.synchronize()
+    return time.perf_counter() - t0
