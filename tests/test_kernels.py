@@ -123,3 +123,22 @@ class Recorded:
     def __getitem__(self, grid):
         self.log.append(self.name)
         return self.kernel[grid]
+
+
+def test_a_kernel_triton_cannot_compile_falls_back_to_torch_once(dev, monkeypatch, capsys):
+    monkeypatch.setattr(kernels, "_failed", [])
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise RuntimeError("no such architecture")
+            return launch
+
+    monkeypatch.setattr(kernels._triton(), "swiglu_kernel", Broken())
+    gate_up = torch.randn(3, 64, device=dev)
+    g, u = gate_up.chunk(2, dim=-1)
+    assert torch.equal(kernels.swiglu(gate_up, torch.nn.SiLU()), torch.nn.functional.silu(g) * u)
+    assert not kernels.fused(gate_up)  # off for the rest of the process: the error kernel too
+    kernels.swiglu(gate_up, torch.nn.SiLU())
+    err = capsys.readouterr().err
+    assert err.count("fused kernel swiglu_kernel failed") == 1 and "no such architecture" in err

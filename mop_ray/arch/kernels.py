@@ -11,7 +11,7 @@ in one pass:
   activation norm) into columns of [T, E] tables, reading f and base once.
 
 They run on CUDA tensors where Triton imports, unless ``MOP_RAY_FUSED=0``; everywhere else (CPU, activations other
-than SiLU, strided inputs) the torch code computes the same values. Rounding follows torch's: SiLU in float32 rounded
+than SiLU, strided inputs, a GPU Triton cannot compile for) the torch code computes the same values. Rounding follows torch's: SiLU in float32 rounded
 to the input dtype before the product, the error summed in float32.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import time
 
 import torch
@@ -40,12 +41,29 @@ def _triton():
     return _triton_kernels
 
 
+_failed: list[str] = []  # the first launch error: the kernels are off for the rest of the process
+
+
+def _launch(name: str, grid: tuple, *args, **meta) -> bool:
+    """Launch kernel ``name``; False (the caller computes with torch) where Triton cannot compile it for this GPU
+    (an older architecture, another backend): said once on stderr, then the kernels stay off in this process."""
+    try:
+        getattr(_triton(), name)[grid](*args, **meta)
+        return True
+    except Exception as e:  # noqa: BLE001 - Triton's compile errors have no common base; torch computes instead
+        if not _failed:
+            _failed.append(f"{type(e).__name__}: {e}")
+            print(f"mop-ray: fused kernel {name} failed, computing with torch from here on: {_failed[0]}",
+                  file=sys.stderr, flush=True)
+        return False
+
+
 def fused(t: torch.Tensor) -> bool:
     """Whether the Triton kernels run for tensors like ``t``. ``MOP_RAY_FUSED``: ``0`` never; unset (or ``1``) on
     CUDA tensors where Triton imports; ``interpret`` on CPU tensors too, through Triton's interpreter, which
     needs ``TRITON_INTERPRET=1`` set before Triton's first import (the tests on machines without a GPU)."""
     mode = os.environ.get("MOP_RAY_FUSED", "1")
-    if mode == "0":
+    if mode == "0" or _failed:
         return False
     if t.device.type != "cuda" and not (mode == "interpret" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
@@ -55,16 +73,15 @@ def fused(t: torch.Tensor) -> bool:
 def swiglu(gate_up: torch.Tensor, act) -> torch.Tensor:
     """act(gate)·up for the gate/up projection gate_up [T, 2I] (gate first, as transformers' fused experts lay it
     out) -> [T, I] in gate_up's dtype."""
-    if not (_silu_like(act) and gate_up.dim() == 2 and gate_up.is_contiguous() and fused(gate_up)):
-        gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
-        return act(gate) * up
-    k = _triton()
-    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)  # [T, I]
-    block = 1024
-    if rows:
-        k.swiglu_kernel[(rows, k.triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, num_warps=4)
-    return out
+    if _silu_like(act) and gate_up.dim() == 2 and gate_up.is_contiguous() and fused(gate_up):
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)  # [T, I]
+        block = 1024
+        grid = (rows, _triton().triton.cdiv(inter, block))
+        if rows == 0 or _launch("swiglu_kernel", grid, gate_up, out, inter, BLOCK=block, num_warps=4):
+            return out
+    gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+    return act(gate) * up
 
 
 def error_and_norm(f: torch.Tensor, base: torch.Tensor, c: torch.Tensor, err: torch.Tensor,
@@ -72,18 +89,16 @@ def error_and_norm(f: torch.Tensor, base: torch.Tensor, c: torch.Tensor, err: to
     """For one expert's outputs f [T, H] (compute dtype), base [T, H] float32 and its single-expert gate c [T]:
     err[t] = ‖base_t + c_t·f_t‖² (MoP Eq. 5, E_e(x) − Z = c·f_e + base) and norm[t] = ‖f_t‖₂, written into the
     float32 [T] views err and norm (columns of [T, E] tables), both summed in float32."""
-    if not (fused(f) and f.is_contiguous() and base.is_contiguous() and base.dtype == torch.float32
+    if (fused(f) and f.is_contiguous() and base.is_contiguous() and base.dtype == torch.float32
             and c.dtype == err.dtype == norm.dtype == torch.float32 and err.stride(0) == norm.stride(0)):
-        # float32 without a float32 copy of f: both ops upcast as they read (the same values as f.float())
-        norm.copy_(torch.linalg.vector_norm(f, dim=-1, dtype=torch.float32))
-        err.copy_(torch.addcmul(base, c[:, None], f).square().sum(dim=-1))
-        return
-    k = _triton()
-    rows, hidden = f.shape
-    block = min(4096, k.triton.next_power_of_2(hidden))
-    if rows:
-        k.error_norm_kernel[(rows,)](f, base, c, err, norm, hidden, c.stride(0), err.stride(0), BLOCK=block,
-                                 num_warps=8)
+        rows, hidden = f.shape
+        block = min(4096, _triton().triton.next_power_of_2(hidden))
+        if rows == 0 or _launch("error_norm_kernel", (rows,), f, base, c, err, norm, hidden, c.stride(0),
+                                err.stride(0), BLOCK=block, num_warps=8):
+            return
+    # float32 without a float32 copy of f: both ops upcast as they read (the same values as f.float())
+    norm.copy_(torch.linalg.vector_norm(f, dim=-1, dtype=torch.float32))
+    err.copy_(torch.addcmul(base, c[:, None], f).square().sum(dim=-1))
 
 
 def prepare(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
