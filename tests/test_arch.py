@@ -130,6 +130,36 @@ def test_threaded_direct_expert_reads_equal_the_stacking_path(tiny_models, famil
         assert direct[name].dtype == stacked[name].dtype and torch.equal(direct[name], stacked[name]), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="reads onto a GPU need one")
+def test_experts_read_straight_onto_the_gpu_equal_the_host_read(tiny_models, family, tmp_path, monkeypatch):
+    """A stage reads the fused experts through pinned chunks onto its GPU (``layer_state_dict(device=...)``): the
+    same bytes as the host read, across chunk boundaries; the layer built from them equals the host-built layer
+    moved; block-FP8 experts (float8 on the GPU, dequantized there) too."""
+    from mop_ray.arch import layer as layer_mod
+    from tests.test_fp8 import fp8_copy
+
+    monkeypatch.setattr(layer_mod, "COPY_CHUNK", 1000)  # many chunks per projection, odd boundaries
+    paths = [tiny_models[family]]
+    if family == "deepseek_v3":
+        paths.append(fp8_copy(tiny_models[family], tmp_path / "fp8", block=(8, 12)))
+    for path in paths:
+        ckpt = Checkpoint(path)
+        i = ckpt.moe_layers[-1]
+        on_gpu = layer_mod.layer_state_dict(ckpt, i, packed_fp8=True, device="cuda")
+        host = layer_mod.layer_state_dict(ckpt, i, packed_fp8=True)
+        fused = {k: v for k, v in on_gpu.items() if k.startswith("mlp.experts.")}
+        fused.update({k: v[0] for k, v in on_gpu.get(layer_mod.PACKED_FP8, {}).items() if k.startswith("mlp.experts.")})
+        assert len(fused) == 2 and all(t.is_cuda for t in fused.values())
+        for name, t in fused.items():
+            want = host[name] if name in host else host[layer_mod.PACKED_FP8][name][0]
+            assert t.dtype == want.dtype and torch.equal(t.cpu().view(torch.uint8), want.view(torch.uint8)), name
+        built = layer_mod.build_layer(ckpt, i, device="cuda", state_dict=on_gpu).state_dict()
+        want = layer_mod.build_layer(ckpt, i, device="cuda", state_dict=host).state_dict()
+        assert set(built) == set(want)
+        for name, t in want.items():
+            assert torch.equal(built[name], t), name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="staged host-to-GPU copies need a GPU")
 def test_to_device_through_pinned_chunks_equals_module_to(monkeypatch):
     """``to_device`` (two pinned chunk buffers, asynchronous copies) moves every parameter and buffer exactly as

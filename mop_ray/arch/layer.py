@@ -127,19 +127,41 @@ READ_THREADS = 4
 
 def read_into(info, dest: torch.Tensor) -> None:
     """Read one tensor's bytes from its safetensors file straight into ``dest`` (contiguous, same dtype and size):
-    one kernel copy from the page cache, no mmap faults, no intermediate tensor; releases the GIL."""
-    buf = memoryview(dest.view(-1).view(torch.uint8).numpy())
-    if buf.nbytes != info.nbytes:
-        raise MopError(f"{info.path}: {info.name} has {info.nbytes} bytes, expected {buf.nbytes}")
-    done = pread_full(info.path, buf, info.start)
+    one kernel copy from the page cache, no mmap faults, no intermediate tensor; releases the GIL. A CUDA ``dest``
+    is filled through this thread's pinned chunks (``_read_into_device``)."""
+    if dest.numel() * dest.element_size() != info.nbytes:
+        raise MopError(f"{info.path}: {info.name} has {info.nbytes} bytes, expected {dest.numel() * dest.element_size()}")
+    if dest.device.type == "cuda":
+        return _read_into_device(info, dest.view(-1).view(torch.uint8))
+    done = pread_full(info.path, memoryview(dest.view(-1).view(torch.uint8).numpy()), info.start)
     if done != info.nbytes:
         raise MopError(f"{info.path}: truncated while reading {info.name} ({done} of {info.nbytes} bytes)")
 
 
+def _read_into_device(info, dest: torch.Tensor) -> None:
+    """A tensor's bytes from its file into device bytes ``dest`` ([n] uint8): each ``COPY_CHUNK`` read (the kernel
+    copying from the page cache) into one of this thread's two pinned buffers while the other's copy to the GPU runs
+    on this thread's stream — one host copy per byte instead of two (file → host tensor → pinned chunk)."""
+    buffers, events, stream = _staging(dest.device)
+    with torch.cuda.stream(stream):
+        for j, start in enumerate(range(0, info.nbytes, COPY_CHUNK)):
+            buf, event = buffers[j % 2], events[j % 2]
+            event.synchronize()  # this buffer's previous copy has left it
+            n = min(COPY_CHUNK, info.nbytes - start)
+            done = pread_full(info.path, memoryview(buf[:n].numpy()), info.start + start)
+            if done != n:
+                raise MopError(f"{info.path}: truncated while reading {info.name} ({start + done} of {info.nbytes} bytes)")
+            dest[start:start + n].copy_(buf[:n], non_blocking=True)
+            event.record(stream)
+    stream.synchronize()  # on the device before any other stream uses it
+
+
 def _read_experts_direct(ckpt: Checkpoint, prefix: str, per_expert, by_expert: dict[int, list[str]],
-                         projs: tuple[str, str, str], fp8: bool = False) -> tuple | None:
+                         projs: tuple[str, str, str], fp8: bool = False, device: torch.device | None = None
+                         ) -> tuple | None:
     """Fused gate_up [E, 2I, H] and down [E, H, I] read by ``READ_THREADS`` threads, each projection's bytes
-    straight into its slice, and None; or with ``fp8``, for block-FP8 experts, those fused float8 weights and
+    straight into its slice (on ``device`` when it is a GPU, through pinned chunks), and None; or with ``fp8``, for
+    block-FP8 experts, those fused float8 weights and
     their fused scales [E, 2·ceil(I/b0), ceil(H/b1)] and [E, ceil(H/b0), ceil(I/b1)], to be dequantized where
     they compute (``dequantize_experts``). None when the experts are not same-dtype tensors of these shapes
     (the stacking path then reads them one by one, or names the problem)."""
@@ -176,8 +198,9 @@ def _read_experts_direct(ckpt: Checkpoint, prefix: str, per_expert, by_expert: d
             return None  # let the stacking path name the problem
     dtype = known[next(iter(dtypes))]
     n = len(infos)
-    gate_up = torch.empty(n, 2 * inter, hidden, dtype=dtype)  # [E, 2I, H]
-    down = torch.empty(n, hidden, inter, dtype=dtype)  # [E, H, I]
+    on = device if device is not None and device.type == "cuda" else None  # the weights' device (scales: host)
+    gate_up = torch.empty(n, 2 * inter, hidden, dtype=dtype, device=on)  # [E, 2I, H]
+    down = torch.empty(n, hidden, inter, dtype=dtype, device=on)  # [E, H, I]
     jobs = [(infos[e][gate_n], gate_up[e, :inter]) for e in range(n)] + \
            [(infos[e][up_n], gate_up[e, inter:]) for e in range(n)] + [(infos[e][down_n], down[e]) for e in range(n)]
     scales = None
@@ -199,11 +222,13 @@ def _read_experts_direct(ckpt: Checkpoint, prefix: str, per_expert, by_expert: d
     return gate_up, down, scales
 
 
-def layer_state_dict(ckpt: Checkpoint, i: int, packed_fp8: bool = False) -> dict[str, torch.Tensor]:
+def layer_state_dict(ckpt: Checkpoint, i: int, packed_fp8: bool = False,
+                     device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """Module-named tensors of decoder layer i, experts stacked into the fused layout, FP8 dequantized.
 
     Experts are read straight into the preallocated fused tensors (by several threads, each projection's bytes
-    into its slice), so host memory peaks at about one copy of the layer, not two. ``packed_fp8``: block-FP8
+    into its slice), so host memory peaks at about one copy of the layer, not two. ``device``: a GPU to read the
+    fused experts onto (through pinned chunks; everything else stays on the host, for ``build_layer``). ``packed_fp8``: block-FP8
     weights (routed experts fused, attention, shared experts, dense MLPs) stay float8 under ``PACKED_FP8`` (half
     the bytes to move; ``build_layer`` dequantizes them on the layer's device — on the host, one thread took ~2
     minutes per DeepSeek-V3 layer for the experts alone).
@@ -236,7 +261,8 @@ def layer_state_dict(ckpt: Checkpoint, i: int, packed_fp8: bool = False) -> dict
     n = ckpt.experts_in(i)
     if sorted(by_expert) != list(range(n)):
         raise MopError(f"{ckpt.path}: layer {i} has an incomplete expert set (expected {n} experts x 3 projections)")
-    direct = _read_experts_direct(ckpt, prefix, per_expert, by_expert, (gate_n, up_n, down_n), fp8=packed_fp8)
+    direct = _read_experts_direct(ckpt, prefix, per_expert, by_expert, (gate_n, up_n, down_n), fp8=packed_fp8,
+                                  device=torch.device(device) if device is not None else None)
     if direct is not None:
         gate_up, down, scales = direct
         if scales is None:
@@ -327,6 +353,8 @@ def host_to_device(t, device: str | torch.device) -> torch.Tensor:
     (a stage selecting beside its waves uploads ~1.5 GB of sample rows per Mixtral layer)."""
     device = torch.device(device)
     parts = t if isinstance(t, list) else None
+    if parts is None and t.device.type == "cuda" and device.type == "cuda":
+        return t.to(device)  # read onto the GPU already (``layer_state_dict(device=...)``)
     if device.type != "cuda":
         return torch.cat([torch.from_numpy(np.array(p)) for p in parts]) if parts is not None else t.to(device)
     if parts is None:
@@ -344,16 +372,25 @@ def host_to_device(t, device: str | torch.device) -> torch.Tensor:
     return out
 
 
-def _staged_copy(src, dst: torch.Tensor) -> None:
-    """Host bytes ``src`` (a uint8 tensor, or numpy array: read-only memory is fine) → device bytes ``dst`` ([n]
-    uint8) through this thread's pinned buffers."""
+def _staging(device: torch.device) -> tuple[list[torch.Tensor], list[torch.cuda.Event], torch.cuda.Stream]:
+    """This thread's two pinned ``COPY_CHUNK`` buffers, their copies' events, and a side stream on ``device``
+    (for reads straight to the GPU; ``_staged_copy`` copies on the caller's stream)."""
     if getattr(_STAGING, "size", 0) != COPY_CHUNK:
         _STAGING.buffers = [torch.empty(COPY_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         _STAGING.events = [torch.cuda.Event() for _ in range(2)]
         _STAGING.size = COPY_CHUNK
+        _STAGING.streams = {}
+    stream = _STAGING.streams.get(device) or _STAGING.streams.setdefault(device, torch.cuda.Stream(device))
+    return _STAGING.buffers, _STAGING.events, stream
+
+
+def _staged_copy(src, dst: torch.Tensor) -> None:
+    """Host bytes ``src`` (a uint8 tensor, or numpy array: read-only memory is fine) → device bytes ``dst`` ([n]
+    uint8) through this thread's pinned buffers."""
+    buffers, events, _ = _staging(dst.device)
     stream = torch.cuda.current_stream(dst.device)
     for j, start in enumerate(range(0, len(src), COPY_CHUNK)):
-        buf, event = _STAGING.buffers[j % 2], _STAGING.events[j % 2]
+        buf, event = buffers[j % 2], events[j % 2]
         event.synchronize()  # this buffer's previous copy has left it
         n = min(COPY_CHUNK, len(src) - start)
         if isinstance(src, np.ndarray):
