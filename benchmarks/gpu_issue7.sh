@@ -44,7 +44,7 @@ case $step in
     for i in $(seq 1 "${2:-2}"); do  # MOP_RAY_WARM_UP=0 in the environment: the stages' warm-up off
       python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
         --seq-len 2048 --sample 65536 --out-json "$OUT/speed-mixtral-8l$TAG-$i.json" > "$OUT/speed-mixtral-8l$TAG-$i.md" 2>&1
-      grep -E "\| (total|observe|write) \||^First wave" "$OUT/speed-mixtral-8l$TAG-$i.md" || tail -20 "$OUT/speed-mixtral-8l$TAG-$i.md"
+      grep -E "\| (total|observe|write) \||^First wave|^Whole job" "$OUT/speed-mixtral-8l$TAG-$i.md" || tail -20 "$OUT/speed-mixtral-8l$TAG-$i.md"
     done ;;
   scaling)
     mixture; model
