@@ -11,8 +11,8 @@ in one pass:
   activation norm) into columns of [T, E] tables, reading f and base once.
 
 They run on CUDA tensors where Triton imports, unless ``MOP_RAY_FUSED=0``; everywhere else (CPU, activations other
-than SiLU, strided inputs, a GPU Triton cannot compile for) the torch code computes the same values. Rounding follows torch's: SiLU in float32 rounded
-to the input dtype before the product, the error summed in float32.
+than SiLU, strided inputs, a GPU Triton cannot compile for) the torch code computes the same values. Rounding
+follows torch's: SiLU in float32 rounded to the input dtype before the product, the error summed in float32.
 """
 
 from __future__ import annotations

@@ -130,7 +130,8 @@ def read_into(info, dest: torch.Tensor) -> None:
     one kernel copy from the page cache, no mmap faults, no intermediate tensor; releases the GIL. A CUDA ``dest``
     is filled through this thread's pinned chunks (``_read_into_device``)."""
     if dest.numel() * dest.element_size() != info.nbytes:
-        raise MopError(f"{info.path}: {info.name} has {info.nbytes} bytes, expected {dest.numel() * dest.element_size()}")
+        want = dest.numel() * dest.element_size()
+        raise MopError(f"{info.path}: {info.name} has {info.nbytes} bytes, expected {want}")
     if dest.device.type == "cuda":
         return _read_into_device(info, dest.view(-1).view(torch.uint8))
     done = pread_full(info.path, memoryview(dest.view(-1).view(torch.uint8).numpy()), info.start)
@@ -150,7 +151,8 @@ def _read_into_device(info, dest: torch.Tensor) -> None:
             n = min(COPY_CHUNK, info.nbytes - start)
             done = pread_full(info.path, memoryview(buf[:n].numpy()), info.start + start)
             if done != n:
-                raise MopError(f"{info.path}: truncated while reading {info.name} ({start + done} of {info.nbytes} bytes)")
+                raise MopError(f"{info.path}: truncated while reading {info.name} "
+                               f"({start + done} of {info.nbytes} bytes)")
             dest[start:start + n].copy_(buf[:n], non_blocking=True)
             event.record(stream)
     stream.synchronize()  # on the device before any other stream uses it
@@ -161,10 +163,10 @@ def _read_experts_direct(ckpt: Checkpoint, prefix: str, per_expert, by_expert: d
                          ) -> tuple | None:
     """Fused gate_up [E, 2I, H] and down [E, H, I] read by ``READ_THREADS`` threads, each projection's bytes
     straight into its slice (on ``device`` when it is a GPU, through pinned chunks), and None; or with ``fp8``, for
-    block-FP8 experts, those fused float8 weights and
-    their fused scales [E, 2·ceil(I/b0), ceil(H/b1)] and [E, ceil(H/b0), ceil(I/b1)], to be dequantized where
-    they compute (``dequantize_experts``). None when the experts are not same-dtype tensors of these shapes
-    (the stacking path then reads them one by one, or names the problem)."""
+    block-FP8 experts, those fused float8 weights and their fused scales [E, 2·ceil(I/b0), ceil(H/b1)] and
+    [E, ceil(H/b0), ceil(I/b1)] (on the host), to be dequantized where they compute (``dequantize_experts``).
+    None when the experts are not same-dtype tensors of these shapes (the stacking path then reads them one by
+    one, or names the problem)."""
     gate_n, up_n, down_n = projs
     infos: dict[int, dict[str, object]] = {}
     scaled = False
@@ -227,11 +229,11 @@ def layer_state_dict(ckpt: Checkpoint, i: int, packed_fp8: bool = False,
     """Module-named tensors of decoder layer i, experts stacked into the fused layout, FP8 dequantized.
 
     Experts are read straight into the preallocated fused tensors (by several threads, each projection's bytes
-    into its slice), so host memory peaks at about one copy of the layer, not two. ``device``: a GPU to read the
-    fused experts onto (through pinned chunks; everything else stays on the host, for ``build_layer``). ``packed_fp8``: block-FP8
-    weights (routed experts fused, attention, shared experts, dense MLPs) stay float8 under ``PACKED_FP8`` (half
-    the bytes to move; ``build_layer`` dequantizes them on the layer's device — on the host, one thread took ~2
-    minutes per DeepSeek-V3 layer for the experts alone).
+    into its slice), so host memory peaks at about one copy of the layer, not two; ``device``, a GPU, gets the
+    fused experts read onto it through pinned chunks instead (the rest stays on the host, for ``build_layer``).
+    ``packed_fp8``: block-FP8 weights (routed experts fused, attention, shared experts, dense MLPs) stay float8 under
+    ``PACKED_FP8`` (half the bytes to move; ``build_layer`` dequantizes them on the layer's device — on the host,
+    one thread took ~2 minutes per DeepSeek-V3 layer for the experts alone).
     """
     fam = ckpt.family
     prefix = fam.layer_prefix(i)
