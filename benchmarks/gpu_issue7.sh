@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_issue7.sh first-call      # a stage's first micro-batch calls, cold and after its warm-up
 #   bash benchmarks/gpu_issue7.sh profile         # a wave's micro-batch call, op by op (observe_profile.py, 2 layers)
 #   bash benchmarks/gpu_issue7.sh kernels         # the fused kernels against torch (kernel_speed.py; no checkpoint)
+#   bash benchmarks/gpu_issue7.sh read            # one layer read + built on the GPU: via the host vs straight onto
+#                                                 # the GPU, cold and from the page cache (read_to_device.py, 2 layers)
 #   bash benchmarks/gpu_issue7.sh tests           # the tests that need a GPU
 #   bash benchmarks/gpu_issue7.sh startup         # the machine's bytecode state (mop_ray.bytecode), the imports of a
 #                                                 # driver and a stage with and without the cache, then the mixtral
@@ -18,7 +20,7 @@
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | scaling | first-call | profile | kernels | tests | startup}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | scaling | first-call | profile | kernels | read | tests | startup}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
@@ -67,6 +69,10 @@ case $step in
     head -3 "$OUT/observe-profile$TAG.txt" ;;
   kernels)
     python benchmarks/kernel_speed.py --out-json "$OUT/kernel-speed$TAG.json" 2>&1 | tee "$OUT/kernel-speed$TAG.txt" ;;
+  read)
+    model 2
+    python benchmarks/read_to_device.py --model "$D/mx2" --out-json "$OUT/read-to-device$TAG.json" 2>&1 |
+      tee "$OUT/read-to-device$TAG.txt" ;;
   tests)
     # the GPU-only tests (staged copies, CUDA graphs) and those whose numbers differ on a GPU (recorded products,
     # FP8 dequantized on the device, bf16 rows, selection beside the waves)
@@ -111,5 +117,5 @@ print(sys.argv[1].rsplit("/", 1)[-1], "total", r["wall_s"], "calibrate", r["timi
 PY
     done ;;
   *)
-    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, scaling, first-call, profile, kernels, tests or startup" >&2; exit 2 ;;
+    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, scaling, first-call, profile, kernels, read, tests or startup" >&2; exit 2 ;;
 esac
