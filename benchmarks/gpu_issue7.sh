@@ -5,6 +5,8 @@
 #                                                 # runs of speed.py (default 2), each with the first wave's per-call
 #                                                 # GPU times (first_wave_ms) printed
 #   bash benchmarks/gpu_issue7.sh scaling         # the same job on 1, 2, ... GPUs, up to the machine's count
+#   bash benchmarks/gpu_issue7.sh deepseek [RUNS] # DeepSeek-V3 shape, 1 dense + 1 MoE layer (27.9 GB), mop 256 -> 128,
+#                                                 # 131,072 tokens, sample 65,536: RUNS runs of speed.py (default 1)
 #   bash benchmarks/gpu_issue7.sh first-call      # a stage's first micro-batch calls, cold and after its warm-up
 #   bash benchmarks/gpu_issue7.sh profile         # a wave's micro-batch call, op by op (observe_profile.py, 2 layers)
 #   bash benchmarks/gpu_issue7.sh kernels         # the fused kernels against torch (kernel_speed.py; no checkpoint)
@@ -20,7 +22,7 @@
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | scaling | first-call | profile | kernels | read | tests | startup}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | tests | startup}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
@@ -47,6 +49,17 @@ case $step in
       python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
         --seq-len 2048 --sample 65536 --out-json "$OUT/speed-mixtral-8l$TAG-$i.json" > "$OUT/speed-mixtral-8l$TAG-$i.md" 2>&1
       grep -E "\| (total|observe|write) \||^First wave|^Whole job" "$OUT/speed-mixtral-8l$TAG-$i.md" || tail -20 "$OUT/speed-mixtral-8l$TAG-$i.md"
+    done ;;
+  deepseek)
+    mixture
+    [ -f "$D/dsv3/model.safetensors.index.json" ] ||
+      python benchmarks/make_synthetic.py --preset deepseek-v3 --layers 2 --dense-layers 1 --out "$D/dsv3" 2>&1 | tail -1
+    for i in $(seq 1 "${2:-1}"); do
+      python benchmarks/speed.py --model "$D/dsv3" --calib "$D/mix.yaml" --method mop --keep 128 --tokens 131072 \
+        --seq-len 2048 --sample 65536 --read-floor-gb 4 --out-json "$OUT/speed-dsv3-64k$TAG-$i.json" \
+        > "$OUT/speed-dsv3-64k$TAG-$i.md" 2>&1
+      grep -E "\| (total|observe|select|write) \||^First wave|^Whole job" "$OUT/speed-dsv3-64k$TAG-$i.md" ||
+        tail -20 "$OUT/speed-dsv3-64k$TAG-$i.md"
     done ;;
   scaling)
     mixture; model
@@ -117,5 +130,5 @@ print(sys.argv[1].rsplit("/", 1)[-1], "total", r["wall_s"], "calibrate", r["timi
 PY
     done ;;
   *)
-    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, scaling, first-call, profile, kernels, read, tests or startup" >&2; exit 2 ;;
+    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, deepseek, scaling, first-call, profile, kernels, read, tests or startup" >&2; exit 2 ;;
 esac
