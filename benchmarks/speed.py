@@ -749,9 +749,10 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     floor_sum = sum(p["floor_s"] for p in top)
     phases.append({"phase": "verify + driver overhead", "seconds": round(wall - accounted, 2)})
     # the stricter whole-job floor: the largest of all compute, all reads and all writes (phases may overlap)
-    floor_max = max(sum(p[k] or 0.0 for p in top) for k in ("compute_floor_s", "read_floor_s", "write_floor_s"))
+    sums = {k: sum(p[k] or 0.0 for p in top) for k in ("compute_floor_s", "read_floor_s", "write_floor_s")}
+    floor_max = max(sums.values())
     # issue 7's literal floor: max(all compute, one read of what the stages load: every layer and the embedding)
-    floor_issue = max(sum(p["compute_floor_s"] or 0.0 for p in top), observe_read / (read_bw * GB) if read_bw else 0.0)
+    floor_issue = max(sums["compute_floor_s"], observe_read / (read_bw * GB) if read_bw else 0.0)
     phases.append({"phase": "total", "seconds": round(wall, 2), "floor_s": round(floor_sum, 4),
                    "time_over_floor": round(wall / floor_sum, 2) if floor_sum > 0 else None,
                    "floor_max_s": round(floor_max, 4),

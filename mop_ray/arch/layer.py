@@ -140,21 +140,17 @@ def read_into(info, dest: torch.Tensor) -> None:
 
 
 def _read_into_device(info, dest: torch.Tensor) -> None:
-    """A tensor's bytes from its file into device bytes ``dest`` ([n] uint8): each ``COPY_CHUNK`` read (the kernel
-    copying from the page cache) into one of this thread's two pinned buffers while the other's copy to the GPU runs
-    on this thread's stream — one host copy per byte instead of two (file → host tensor → pinned chunk)."""
-    buffers, events, stream = _staging(dest.device)
-    with torch.cuda.stream(stream):
-        for j, start in enumerate(range(0, info.nbytes, COPY_CHUNK)):
-            buf, event = buffers[j % 2], events[j % 2]
-            event.synchronize()  # this buffer's previous copy has left it
-            n = min(COPY_CHUNK, info.nbytes - start)
-            done = pread_full(info.path, memoryview(buf[:n].numpy()), info.start + start)
-            if done != n:
-                raise MopError(f"{info.path}: truncated while reading {info.name} "
-                               f"({start + done} of {info.nbytes} bytes)")
-            dest[start:start + n].copy_(buf[:n], non_blocking=True)
-            event.record(stream)
+    """A tensor's bytes from its file into device bytes ``dest`` ([n] uint8), chunk by chunk through this thread's
+    pinned buffers (``_upload_chunks``) on this thread's own stream: each chunk read (the kernel copying from the
+    page cache) while the previous one's copy to the GPU runs — one host copy per byte instead of two (file → host
+    tensor → pinned chunk)."""
+    def fill(buf: torch.Tensor, start: int) -> None:
+        done = pread_full(info.path, memoryview(buf.numpy()), info.start + start)
+        if done != len(buf):
+            raise MopError(f"{info.path}: truncated while reading {info.name} ({start + done} of {info.nbytes} bytes)")
+
+    stream = _side_stream(dest.device)
+    _upload_chunks(dest, fill, stream)
     stream.synchronize()  # on the device before any other stream uses it
 
 
@@ -326,7 +322,7 @@ def build_layer(ckpt: Checkpoint, i: int, *, config=None, device: str | torch.de
 
 
 COPY_CHUNK = 64 << 20  # bytes per host-to-GPU copy
-_STAGING = threading.local()  # per thread: two pinned chunk buffers and their copies' events
+_STAGING = threading.local()  # per thread: two pinned chunk buffers, their copies' events, a side stream
 
 
 def to_device(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -374,33 +370,43 @@ def host_to_device(t, device: str | torch.device) -> torch.Tensor:
     return out
 
 
-def _staging(device: torch.device) -> tuple[list[torch.Tensor], list[torch.cuda.Event], torch.cuda.Stream]:
-    """This thread's two pinned ``COPY_CHUNK`` buffers, their copies' events, and a side stream on ``device``
-    (for reads straight to the GPU; ``_staged_copy`` copies on the caller's stream)."""
+def _upload_chunks(dst: torch.Tensor, fill, stream: torch.cuda.Stream) -> None:
+    """Device bytes ``dst`` ([n] uint8) in ``COPY_CHUNK`` pieces through this thread's two pinned buffers:
+    ``fill(buf, start)`` writes bytes [start, start + len(buf)) into one buffer while the other's asynchronous copy
+    to the GPU runs on ``stream``."""
     if getattr(_STAGING, "size", 0) != COPY_CHUNK:
         _STAGING.buffers = [torch.empty(COPY_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         _STAGING.events = [torch.cuda.Event() for _ in range(2)]
         _STAGING.size = COPY_CHUNK
+    with torch.cuda.stream(stream):
+        for j, start in enumerate(range(0, len(dst), COPY_CHUNK)):
+            buf, event = _STAGING.buffers[j % 2], _STAGING.events[j % 2]
+            event.synchronize()  # this buffer's previous copy has left it
+            n = min(COPY_CHUNK, len(dst) - start)
+            fill(buf[:n], start)
+            dst[start:start + n].copy_(buf[:n], non_blocking=True)  # on ``stream``
+            event.record(stream)
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's own stream on ``device`` (reads straight to the GPU copy on it, not on the caller's)."""
+    if not hasattr(_STAGING, "streams"):
         _STAGING.streams = {}
-    stream = _STAGING.streams.get(device) or _STAGING.streams.setdefault(device, torch.cuda.Stream(device))
-    return _STAGING.buffers, _STAGING.events, stream
+    if device not in _STAGING.streams:
+        _STAGING.streams[device] = torch.cuda.Stream(device)
+    return _STAGING.streams[device]
 
 
 def _staged_copy(src, dst: torch.Tensor) -> None:
     """Host bytes ``src`` (a uint8 tensor, or numpy array: read-only memory is fine) → device bytes ``dst`` ([n]
-    uint8) through this thread's pinned buffers."""
-    buffers, events, _ = _staging(dst.device)
-    stream = torch.cuda.current_stream(dst.device)
-    for j, start in enumerate(range(0, len(src), COPY_CHUNK)):
-        buf, event = buffers[j % 2], events[j % 2]
-        event.synchronize()  # this buffer's previous copy has left it
-        n = min(COPY_CHUNK, len(src) - start)
+    uint8) through this thread's pinned buffers, on the current stream."""
+    def fill(buf: torch.Tensor, start: int) -> None:
         if isinstance(src, np.ndarray):
-            buf[:n].numpy()[:] = src[start:start + n]  # a host memcpy (numpy lets go of the GIL)
+            buf.numpy()[:] = src[start:start + len(buf)]  # a host memcpy (numpy lets go of the GIL)
         else:
-            buf[:n].copy_(src[start:start + n])  # a host memcpy: no CUDA call
-        dst[start:start + n].copy_(buf[:n], non_blocking=True)
-        event.record(stream)
+            buf.copy_(src[start:start + len(buf)])  # a host memcpy: no CUDA call
+
+    _upload_chunks(dst, fill, torch.cuda.current_stream(dst.device))
 
 
 def rotary_embedding(ckpt: Checkpoint, config=None, device: str | torch.device = "cpu") -> torch.nn.Module:
