@@ -287,7 +287,7 @@ class LayerShardWorker:
             hs.append(h)
             pos.append(p)
             pes.append(rotary(h, p))
-            metas_host.append(token_meta(meta["source"], meta["block"], seq, meta["sample"]))
+            metas_host.append(token_meta(meta["source"], meta["block"], seq, meta["sample"], dev))
         events = self.wave_events if dev.type == "cuda" else None
         try:
             _event_after(events, None, None)

@@ -58,7 +58,7 @@ def warm_up(ckpt: Checkpoint, layer: int, rotary: torch.nn.Module, device: torch
     h = torch.randn(blocks, seq, int(ckpt.config["hidden_size"]), device=device, dtype=dtype)  # [B, L, H]
     pos = torch.arange(seq, device=device).unsqueeze(0).expand(blocks, -1)  # [B, L]
     meta = token_meta(np.zeros(blocks, dtype=np.int64), np.arange(blocks), seq,
-                      np.arange(blocks * seq).reshape(blocks, seq) % SAMPLE_EVERY == 0)
+                      np.arange(blocks * seq).reshape(blocks, seq) % SAMPLE_EVERY == 0, device)
     experts = rows = None
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as tmp:
         writer = None

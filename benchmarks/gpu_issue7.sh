@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu_issue7.sh kernels         # the fused kernels against torch (kernel_speed.py; no checkpoint)
 #   bash benchmarks/gpu_issue7.sh read            # one layer read + built on the GPU: via the host vs straight onto
 #                                                 # the GPU, cold and from the page cache (read_to_device.py, 2 layers)
+#   bash benchmarks/gpu_issue7.sh ram [COUNTS]    # host RAM at several layer counts (default 2 4): the Mixtral shape,
+#                                                 # 16,384 tokens, sample 8,192; the peak by process
 #   bash benchmarks/gpu_issue7.sh tests           # the tests that need a GPU
 #   bash benchmarks/gpu_issue7.sh startup         # the machine's bytecode state (mop_ray.bytecode), the imports of a
 #                                                 # driver and a stage with and without the cache, then the mixtral
@@ -22,7 +24,7 @@
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | tests | startup}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | tests | startup}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
@@ -86,6 +88,23 @@ case $step in
     model 2
     python benchmarks/read_to_device.py --model "$D/mx2" --out-json "$OUT/read-to-device$TAG.json" 2>&1 |
       tee "$OUT/read-to-device$TAG.txt" ;;
+  ram)
+    mixture
+    for n in ${2:-2 4}; do
+      model "$n"
+      python benchmarks/speed.py --model "$D/mx$n" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 16384 \
+        --seq-len 2048 --sample 8192 --read-floor-gb 2 --write-floor-gb 1 --out-json "$OUT/rss-mixtral-${n}l$TAG.json" \
+        > "$OUT/rss-mixtral-${n}l$TAG.md" 2>&1
+      python - "$OUT/rss-mixtral-${n}l$TAG.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["runs"][0]
+gb = lambda b: round(b / 1e9, 2)
+print(sys.argv[1].rsplit("/", 1)[-1], "total rss/pss", gb(r["host_memory"]["peak_bytes"]["total"]["rss"]),
+      gb(r["host_memory"]["peak_bytes"]["total"]["pss"]),
+      {k: gb(v) for k, v in r["host_memory"]["rss_at_peak_by_process"].items() if v > 2e8})
+PY
+      rm -rf "$D/mx$n.speed"
+    done ;;
   tests)
     # the GPU-only tests (staged copies, CUDA graphs) and those whose numbers differ on a GPU (recorded products,
     # FP8 dequantized on the device, bf16 rows, selection beside the waves)
@@ -130,5 +149,5 @@ print(sys.argv[1].rsplit("/", 1)[-1], "total", r["wall_s"], "calibrate", r["timi
 PY
     done ;;
   *)
-    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, deepseek, scaling, first-call, profile, kernels, read, tests or startup" >&2; exit 2 ;;
+    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, deepseek, scaling, first-call, profile, kernels, read, ram, tests or startup" >&2; exit 2 ;;
 esac

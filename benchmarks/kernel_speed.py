@@ -6,6 +6,8 @@ One micro-batch of T tokens (default 8,192, a wave's call) through random bf16 e
 - ``swiglu`` on the gate/up projection [T, 2I] and ``error_and_norm`` on one expert's output [T, H], each timed
   with the kernels off (``MOP_RAY_FUSED=0``, torch) and on, with the bandwidth each reaches on the bytes it must
   move (read 2·T·I + write T·I; read T·H in bf16 + T·H in float32);
+- ``combine`` (the block's output from the stacked expert outputs [E, T, H] and the top-k ids and gates), with
+  the bandwidth on the bytes the kernel must move (read k·T·H, write T·H, bf16);
 - the observer's whole all-experts call (``MoEObserver.forward``: the experts, z, and the statistics) of a
   Mixtral-8x7B-shaped layer (8 × [4096 → 14336], top-2), off and on, next to its matmuls alone (the floor);
 - the same for DeepSeek-V3-shaped experts (16 of its 256 × [7168 → 2048], top-8 of 16, sigmoid router): its
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from enu_speed import Moe, NoShared  # noqa: E402
 from mop_ray.arch import RouterSpec  # noqa: E402
 from mop_ray.arch.experts import expert_forward  # noqa: E402
-from mop_ray.arch.kernels import error_and_norm, fused, swiglu  # noqa: E402
+from mop_ray.arch.kernels import combine, error_and_norm, fused, swiglu  # noqa: E402
 from mop_ray.observe.observer import MoEObserver  # noqa: E402
 
 
@@ -77,6 +79,13 @@ def layer(name: str, n: int, hidden: int, inter: int, spec: RouterSpec, tokens: 
     t["GB/s"] = {k: tokens * hidden * 6 / t[k] / 1e9 for k in ("torch", "fused")}
     res["error_and_norm"] = t
 
+    outputs = torch.randn(n, tokens, hidden, device=dev, dtype=torch.bfloat16)  # [E, T, H]
+    idx = torch.rand(tokens, n, device=dev).topk(spec.top_k, dim=1).indices  # [T, k]
+    w = torch.rand(tokens, spec.top_k, device=dev)  # [T, k] float32
+    t = both(lambda: combine(outputs, idx, w, None, torch.bfloat16), repeat)
+    t["GB/s"] = {k: (spec.top_k + 1) * tokens * hidden * 2 / t[k] / 1e9 for k in ("torch", "fused")}
+    res["combine"] = t
+
     def matmuls():
         for e in range(n):
             h = torch.nn.functional.linear(x, moe.experts.gate_up_proj[e])[:, :inter]
@@ -95,7 +104,8 @@ def layer(name: str, n: int, hidden: int, inter: int, spec: RouterSpec, tokens: 
     res["observer_call"] = t
     print(f"{name}: swiglu {res['swiglu']['torch'] * 1e3:.2f} -> {res['swiglu']['fused'] * 1e3:.2f} ms, "
           f"error_and_norm {res['error_and_norm']['torch'] * 1e3:.2f} -> {res['error_and_norm']['fused'] * 1e3:.2f}"
-          f" ms, observer call {t['torch'] * 1e3:.1f} -> {t['fused'] * 1e3:.1f} ms "
+          f" ms, combine {res['combine']['torch'] * 1e3:.2f} -> {res['combine']['fused'] * 1e3:.2f} ms"
+          f", observer call {t['torch'] * 1e3:.1f} -> {t['fused'] * 1e3:.1f} ms "
           f"(matmuls alone {res['matmuls_s'] * 1e3:.1f} ms, {res['matmul_TFLOPs']:.0f} TFLOP/s)", flush=True)
     return res  # the layer's weights go with this frame
 

@@ -72,6 +72,24 @@ def test_error_and_norm_match_torch_in_their_columns(dev, monkeypatch, hidden):
     torch.testing.assert_close(tables[0][:, e].double(), expect, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("tokens,experts,k,hidden,shared", [(9, 8, 2, 96, False), (5, 6, 4, 5000, True),
+                                                             (0, 4, 2, 32, False)])
+def test_combine_matches_torch_and_the_gated_sum_over_all_experts(dev, monkeypatch, tokens, experts, k, hidden,
+                                                                   shared):
+    gen = torch.Generator().manual_seed(tokens + hidden)
+    outputs = torch.randn(experts, tokens, hidden, generator=gen).to(dev, torch.bfloat16)  # [E, T, H]
+    idx = torch.rand(tokens, experts, generator=gen).argsort(dim=1)[:, :k].to(dev)  # [T, k] distinct experts
+    w = torch.rand(tokens, k, generator=gen).to(dev)  # [T, k] float32
+    sh = torch.randn(tokens, hidden, generator=gen).to(dev, torch.bfloat16) if shared else None
+    got = kernels.combine(outputs, idx, w, sh, torch.bfloat16)
+    want = reference(monkeypatch, kernels.combine, outputs, idx, w, sh, torch.bfloat16)
+    assert got.shape == (tokens, hidden) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)  # one bf16 step (the interpreter truncates)
+    gate = torch.zeros(tokens, experts, dtype=torch.float64, device=dev).scatter_(1, idx, w.double())  # [T, E]
+    exact = torch.einsum("te,eth->th", gate, outputs.double()) + (sh.double() if shared else 0)
+    torch.testing.assert_close(want.double(), exact, rtol=1.6e-2, atol=1e-2)  # the gated sum over all E
+
+
 def test_observer_statistics_are_the_same_with_the_kernels(dev, monkeypatch, tiny_models, family):
     """A tiny model's first MoE block observed through its all-experts pass (``forward``) and with the block's own
     output (``observe``), kernels on and off: the same output and statistics."""
@@ -103,15 +121,15 @@ def test_observer_statistics_are_the_same_with_the_kernels(dev, monkeypatch, tin
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_prepare_launches_both_kernels_once_and_nothing_when_they_are_off(dev, monkeypatch):
+def test_prepare_launches_each_kernel_once_and_nothing_when_they_are_off(dev, monkeypatch):
     launched = []
-    for name in ("swiglu_kernel", "error_norm_kernel"):
+    for name in ("swiglu_kernel", "error_norm_kernel", "combine_kernel"):
         kernel = getattr(kernels._triton(), name)
         monkeypatch.setattr(kernels._triton(), name, Recorded(kernel, name, launched))
     assert kernels.prepare(dev) > 0
-    assert launched == ["swiglu_kernel", "error_norm_kernel"]
+    assert launched == ["swiglu_kernel", "error_norm_kernel", "combine_kernel"]
     monkeypatch.setenv("MOP_RAY_FUSED", "0")
-    assert kernels.prepare(dev) == 0.0 and len(launched) == 2
+    assert kernels.prepare(dev) == 0.0 and len(launched) == 3
 
 
 class Recorded:

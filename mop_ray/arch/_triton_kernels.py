@@ -33,3 +33,23 @@ def error_norm_kernel(f_ptr, base_ptr, c_ptr, err_ptr, norm_ptr, hidden, c_strid
         sq_f += f * f
     tl.store(err_ptr + row * out_stride, tl.sum(sq_err, axis=0))
     tl.store(norm_ptr + row * out_stride, tl.sqrt(tl.sum(sq_f, axis=0)))
+
+
+@triton.jit
+def combine_kernel(f_ptr, idx_ptr, w_ptr, shared_ptr, z_ptr, tokens, hidden, k,
+                   HAS_SHARED: tl.constexpr, BLOCK: tl.constexpr):
+    """z[t] = shared[t] + Σ_j w[t, j]·f[idx[t, j], t], summed in float32 in the order of j and rounded to z's dtype;
+    f [E, T, H], idx and w [T, k]; grid (T, ⌈H / BLOCK⌉)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    if HAS_SHARED:
+        acc = tl.load(shared_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(k):
+        e = tl.load(idx_ptr + row * k + j).to(tl.int64)
+        w = tl.load(w_ptr + row * k + j)
+        f = tl.load(f_ptr + (e * tokens + row) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += w * f
+    tl.store(z_ptr + row * hidden + cols, acc.to(z_ptr.dtype.element_ty), mask=mask)

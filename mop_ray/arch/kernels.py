@@ -4,11 +4,14 @@ On a Mixtral-8x7B-shaped layer the waves' micro-batch call spends ~35 ms in matm
 elementwise passes over [T, I] and [T, H] tensors (benchmarks/RESULTS.md, "Start-up with the bytecode cache"):
 SwiGLU as torch writes it reads the gate and up halves through strided views and makes two [T, I] temporaries, and
 the observer's per-expert error and norm take five passes over [T, H] float32 tensors. The two kernels here do each
-in one pass:
+in one pass, and a third assembles the block's output from the experts' outputs:
 
 - ``swiglu(gate_up, act)``: act(g)·u from the gate/up projection [T, 2I] → [T, I] (reads 2·T·I, writes T·I);
 - ``error_and_norm(f, base, c, err, norm)``: per token ‖base + c·f‖² and ‖f‖ (MoP Eq. 5 and the expert
-  activation norm) into columns of [T, E] tables, reading f and base once.
+  activation norm) into columns of [T, E] tables, reading f and base once;
+- ``combine(outputs, idx, w, shared, dtype)``: the block's output Σ_j w_j·f_{idx_j} (+ shared) from the stacked
+  expert outputs [E, T, H], reading only each token's k routed rows (torch's loop over the E experts read all of
+  them with a float32 accumulator: ~2.7 GB a Mixtral-shaped call, 1.5 ms on an H100).
 
 They run on CUDA tensors where Triton imports, unless ``MOP_RAY_FUSED=0``; everywhere else (CPU, activations other
 than SiLU, strided inputs, a GPU Triton cannot compile for) the torch code computes the same values. Rounding
@@ -101,8 +104,34 @@ def error_and_norm(f: torch.Tensor, base: torch.Tensor, c: torch.Tensor, err: to
     err.copy_(torch.addcmul(base, c[:, None], f).square().sum(dim=-1))
 
 
+def combine(outputs: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, shared: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The MoE block's output z [T, H] in ``dtype`` from the stacked expert outputs ``outputs`` [E, T, H] (every
+    expert on every token), the routed ids ``idx`` [T, k] and their float32 gates ``w`` [T, k], plus the shared
+    experts' ``shared`` [T, H] (or None): shared + Σ_j w[:, j]·outputs[idx[:, j], t], summed in float32 in the
+    order of j (the same sum in both paths), then rounded to ``dtype``."""
+    n_experts, tokens, hidden = outputs.shape
+    k = idx.shape[1]
+    if (fused(outputs) and outputs.is_contiguous() and w.dtype == torch.float32
+            and (shared is None or shared.is_contiguous())):
+        z = torch.empty(tokens, hidden, dtype=dtype, device=outputs.device)  # [T, H]
+        block = min(1024, _triton().triton.next_power_of_2(hidden))
+        grid = (tokens, _triton().triton.cdiv(hidden, block))
+        if tokens == 0 or _launch("combine_kernel", grid, outputs, idx.contiguous(), w.contiguous(),
+                                  outputs if shared is None else shared, z, tokens, hidden, k,
+                                  HAS_SHARED=shared is not None, BLOCK=block, num_warps=4):
+            return z
+    rows = torch.arange(tokens, device=outputs.device)  # [T]
+    acc = torch.zeros(tokens, hidden, dtype=torch.float32, device=outputs.device)  # [T, H]
+    if shared is not None:
+        acc += shared
+    for j in range(k):
+        acc.addcmul_(w[:, j, None], outputs[idx[:, j], rows])  # each token's j-th routed expert, [T, H]
+    return acc.to(dtype)
+
+
 def prepare(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Launch both kernels once on tiny ``dtype`` inputs on ``device`` (a side stream), so this process has loaded
+    """Launch the kernels once on tiny ``dtype`` inputs on ``device`` (a side stream), so this process has loaded
     Triton's driver, its launchers and the kernels before a real call needs them: ~0.5 s in a fresh process even
     with the kernels in Triton's cache (benchmarks/triton_first_use.py). A stage does it beside its imports.
     -> seconds taken (0.0 where the kernels do not run on ``device``)."""
@@ -115,6 +144,8 @@ def prepare(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
         f = torch.zeros(1, 16, device=device, dtype=dtype)  # [T, H], H = 16
         c, err, norm = (torch.zeros(1, 2, device=device) for _ in range(3))  # [T, E], E = 2
         error_and_norm(f, torch.zeros(1, 16, device=device), c[:, 0], err[:, 0], norm[:, 0])
+        combine(f[None].expand(2, 1, 16).contiguous(), torch.zeros(1, 1, dtype=torch.long, device=device),
+                c[:, :1], None, dtype)  # [E, T, H], [T, k], [T, k]
     if stream is not None:
         stream.synchronize()
     return time.perf_counter() - t0

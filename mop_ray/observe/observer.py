@@ -16,24 +16,44 @@ experts — the rows' expert products) go to ``sample.arrow`` (records.py).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from mop_ray import plan
 from mop_ray.arch import Family, RouterSpec, route
 from mop_ray.arch.experts import expert_forward
-from mop_ray.arch.kernels import error_and_norm
+from mop_ray.arch.kernels import combine, error_and_norm
 from mop_ray.observe.records import STAT_FIELDS, SampleWriter, records_outputs, records_products
 
 
-def token_meta(source, block, seq: int, sample) -> dict[str, torch.Tensor]:
+def token_meta(source, block, seq: int, sample, device: torch.device | None = None) -> dict:
     """Per-token host tensors of a micro-batch, as ``MoEObserver.block_forward`` takes them: ``source`` and
     ``block`` ([B] ints, one per block) repeated over the ``seq`` tokens of each block, ``pos`` the token's place in
-    its block, ``sample`` ([B, seq] bools) whether the token is a sample row; [B*seq] each."""
+    its block, ``sample`` ([B, seq] bools) whether the token is a sample row; [B*seq] each. With a CUDA ``device``,
+    also "device": the source ids and the sample's row indices there, copied once for all the micro-batch's
+    layers from pinned memory (a copy from pageable memory waits for the device's queue to drain: a stall in
+    every layer's call)."""
     source, block = np.asarray(source), np.asarray(block)
-    return {"source": torch.as_tensor(np.repeat(source, seq)), "block": torch.as_tensor(np.repeat(block, seq)),
+    meta = {"source": torch.as_tensor(np.repeat(source, seq)), "block": torch.as_tensor(np.repeat(block, seq)),
             "pos": torch.arange(seq).repeat(len(block)),
             "sample": torch.from_numpy(np.array(sample, dtype=bool)).reshape(-1)}
+    if device is not None and torch.device(device).type == "cuda":
+        meta["device"] = {"source": _to_device(meta["source"].long(), device),  # [T]
+                          "rows": _to_device(meta["sample"].nonzero().squeeze(1), device)}  # [N]
+    return meta
+
+
+@functools.cache
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The stream the sampled rows go to the host on, one per device."""
+    return torch.cuda.Stream(device)
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` through (cached) pinned memory, without a stream sync."""
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def single_expert_weight(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
@@ -76,47 +96,47 @@ class MoEObserver:
         ``observe``. ``meta``: the micro-batch's host tensors [T] "source", "sample", "block", "pos"."""
         h = hidden_states.shape[-1]
         x = hidden_states.reshape(-1, h)
+        on_device = meta.get("device")
         if self.fits(x):
-            z = self.forward(moe, x, meta["source"], meta["sample"], meta["block"], meta["pos"])
+            z = self.forward(moe, x, meta["source"], meta["sample"], meta["block"], meta["pos"], on_device)
         else:
             z = plain(hidden_states, *args, **kwargs).reshape(-1, h)
-            self.observe(moe, x, z, meta["source"], meta["sample"], meta["block"], meta["pos"])
+            self.observe(moe, x, z, meta["source"], meta["sample"], meta["block"], meta["pos"], on_device)
         return z.reshape(hidden_states.shape)
 
     @torch.no_grad()
     def forward(self, moe: torch.nn.Module, x: torch.Tensor, source: torch.Tensor, sample: torch.Tensor | None,
-                block: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                block: torch.Tensor, pos: torch.Tensor, on_device: dict | None = None) -> torch.Tensor:
         """The MoE block's output z [T, H] for its input x [T, H], assembled from the all-experts pass the
         statistics need anyway, then observed as ``observe`` would: the block's own top-k pass is not run (a
         quarter more expert compute for top-2 of 8). Routing is ``mop_ray.arch.route`` on float32 logits — the
         same decisions the statistics count — and the gated expert outputs and shared term sum in float32, so z
         may differ from the stock block's by its half-precision rounding (and, for a token whose half-precision
-        router logits would order two experts differently, by that choice)."""
+        router logits would order two experts differently, by that choice). ``on_device``: ``token_meta``'s
+        "device" copies of source and the sample rows, if made."""
         logits, idx, w = self._route(moe, x)
-        outputs = [expert_forward(moe.experts, x, e) for e in range(self.n_experts)]  # [T, H] each
+        stacked = torch.empty(self.n_experts, *x.shape, dtype=x.dtype, device=x.device)  # [E, T, H]
+        for e in range(self.n_experts):
+            expert_forward(moe.experts, x, e, out=stacked[e])
         shared = self.family.shared_output(moe, x)
-        gate = torch.zeros(logits.shape, dtype=torch.float32, device=x.device).scatter_(1, idx, w)  # [T, E]
-        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
-        if shared is not None:
-            acc += shared  # (a copy: shared itself is observed below)
-        for e, f in enumerate(outputs):
-            acc.addcmul_(gate[:, e, None], f)  # Σ_e w_e f_e(x) + shared, [T, H] float32
-        z = acc.to(x.dtype)
-        self._observe(moe, x, z, source, sample, block, pos, (logits, idx, w), outputs, shared)
+        z = combine(stacked, idx, w, shared, x.dtype)  # Σ_j w_j f_{idx_j}(x) + shared, summed in float32
+        self._observe(moe, x, z, source, sample, block, pos, (logits, idx, w), stacked.unbind(0), shared, on_device)
         return z
 
     @torch.no_grad()
     def observe(self, moe: torch.nn.Module, x: torch.Tensor, z: torch.Tensor, source: torch.Tensor,
-                sample: torch.Tensor | None, block: torch.Tensor, pos: torch.Tensor) -> None:
-        """x, z: [T, H] MoE input/output; source, block, pos: [T] int (host); sample: [T] bool rows to record."""
-        self._observe(moe, x, z, source, sample, block, pos, self._route(moe, x), None, self.family.shared_output(moe, x))
+                sample: torch.Tensor | None, block: torch.Tensor, pos: torch.Tensor, on_device: dict | None = None) -> None:
+        """x, z: [T, H] MoE input/output; source, block, pos: [T] int (host); sample: [T] bool rows to record;
+        ``on_device``: as ``forward``'s."""
+        self._observe(moe, x, z, source, sample, block, pos, self._route(moe, x), None, self.family.shared_output(moe, x),
+                      on_device)
 
     def _route(self, moe, x):
         logits = torch.nn.functional.linear(x.float(), moe.gate.weight.float())  # [T, E]
         idx, w = route(self.spec, logits, getattr(moe.gate, "e_score_correction_bias", None))  # [T, k] ids, gates
         return logits, idx, w
 
-    def _observe(self, moe, x, z, source, sample, block, pos, routed, outputs, shared) -> None:
+    def _observe(self, moe, x, z, source, sample, block, pos, routed, outputs, shared, on_device=None) -> None:
         logits, idx, w = routed
         dev = x.device
         g = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # [T, k] renormalised top-k gates (REAP)
@@ -143,19 +163,19 @@ class MoEObserver:
         }
         if self._sums is None:
             self._sums = {f: torch.zeros(self.n_sources, E, dtype=torch.float64, device=dev) for f in STAT_FIELDS}
-        src = source.to(dev, torch.long)
+        src = on_device["source"] if on_device else source.to(dev, torch.long)
         for name, values in per_token.items():
             self._sums[name].index_add_(0, src, values.double())
         self.tokens += np.bincount(source.numpy(), minlength=self.n_sources)
 
         if self.sample_writer is not None and sample is not None:
-            self._record_sample(moe, x, z, logits, source, sample, block, pos, outputs, shared)
+            self._record_sample(moe, x, z, logits, source, sample, block, pos, outputs, shared, on_device)
 
-    def _record_sample(self, moe, x, z, logits, source, sample, block, pos, outputs, shared) -> None:
+    def _record_sample(self, moe, x, z, logits, source, sample, block, pos, outputs, shared, on_device) -> None:
         rows_host = sample.nonzero().squeeze(1)  # [N] sampled token indices, known on the host: no device sync
         if len(rows_host) == 0:
             return
-        rows = rows_host.to(x.device)
+        rows = on_device["rows"] if on_device else rows_host.to(x.device)
         parts = [t.index_select(0, rows) for t in (x, z, logits)]  # [N, H], [N, H], [N, E]
         if records_products(self.acts_as):  # the rows' expert products, so selection runs no expert again
             parts += self._row_products(moe, parts[0], parts[1], rows, outputs, shared)  # [N, E+2, E+2], [N]
@@ -164,13 +184,18 @@ class MoEObserver:
         if not (x.dtype == torch.bfloat16 and z.dtype == torch.bfloat16):  # bf16 rows are stored as their bits
             parts[:2] = [None if t is None else t.float() for t in parts[:2]]  # the sampled rows only, not all T
         ready = None
-        if x.device.type == "cuda":  # copy into (cached) pinned host memory; the writer thread waits for it
+        if x.device.type == "cuda":  # into (cached) pinned host memory on a copy stream: the next layer computes
+            # meanwhile (on the waves' stream the copies held it ~1 ms a Mixtral-shaped call); the writer waits
+            stream = _copy_stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
             host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts]
-            for h, t in zip(host, parts):
-                if t is not None:
-                    h.copy_(t, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
+            with torch.cuda.stream(stream):
+                for h, t in zip(host, parts):
+                    if t is not None:
+                        h.copy_(t, non_blocking=True)
+                        t.record_stream(stream)  # its memory is not reused before the copy has read it
+                ready = torch.cuda.Event()
+                ready.record(stream)
             parts = host
         x, z, logits, *products = parts
         self.sample_writer.write(x, z, logits, source=source[rows_host].numpy(), block=block[rows_host].numpy(),
