@@ -111,7 +111,8 @@ PY
     python -m pytest -q -p no:cacheprovider tests/test_arch.py tests/test_enu.py tests/test_fp8.py tests/test_warm_up.py \
       tests/test_kernels.py \
       "tests/test_faults.py::test_a_stage_lost_while_selecting_after_or_beside_observe" \
-      "tests/test_observe.py::test_a_bfloat16_stage_records_its_sample_as_exact_bfloat16_bits" 2>&1 |
+      "tests/test_observe.py::test_a_bfloat16_stage_records_its_sample_as_exact_bfloat16_bits" \
+      "tests/test_observe.py::test_token_meta_copies_the_source_ids_and_sample_rows_to_the_gpu" 2>&1 |
       tee "$OUT/gpu-tests.log" | tail -15 ;;
   startup)
     python - <<'PY' | tee "$OUT/startup.txt"

@@ -335,6 +335,58 @@ def test_observer_forward_equals_the_stock_block_and_its_statistics(tiny_models,
         plan.OUTPUTS_BUDGET = budget
 
 
+def test_the_observer_takes_the_micro_batchs_device_copies_of_source_and_sample_rows(tiny_models, tmp_path):
+    """On a GPU ``token_meta`` copies the source ids and the sample's row indices to the device once per micro-batch
+    (from pinned memory: a copy from pageable memory in every layer synchronised the stream); the observer uses
+    those copies (both paths, ``forward`` and ``observe``), and the same copies record the same as its own."""
+    from mop_ray.arch.layer import build_layer
+    from mop_ray.observe.observer import MoEObserver, token_meta
+    from mop_ray.observe.records import SampleWriter, layer_dir
+
+    ckpt = Checkpoint(tiny_models["qwen2_moe"])  # a shared expert: every part of the block's output
+    moe = build_layer(ckpt, ckpt.moe_layers[0]).mlp
+    spec = ckpt.family.router_spec(ckpt.config)
+    meta = token_meta(np.array([0, 1]), np.array([3, 4]), 16, np.arange(32).reshape(2, 16) % 3 == 0)
+    assert "device" not in meta  # only with a CUDA device
+    x = torch.randn(32, int(ckpt.config["hidden_size"]), generator=torch.Generator().manual_seed(0))
+    rows = meta["sample"].nonzero().squeeze(1)
+    cases = {"own": None, "copies": {"source": meta["source"].clone(), "rows": rows.clone()},
+             "all-source-0": {"source": torch.zeros_like(meta["source"]), "rows": rows.clone()}}
+    got = {}
+    for name, on_device in cases.items():
+        for path in ("forward", "observe"):
+            writer = SampleWriter(layer_dir(tmp_path / name / path, 0), ["a", "b"])
+            obs = MoEObserver(0, ckpt.family, spec, ckpt.num_experts, 2, writer)
+            args = (meta["source"], meta["sample"], meta["block"], meta["pos"], on_device)
+            with torch.no_grad():
+                if path == "forward":
+                    obs.forward(moe, x, *args)
+                else:
+                    obs.observe(moe, x, moe(x[None])[0], *args)
+            writer.close()
+            got[name, path] = obs.stats, read_sample(tmp_path / name / path, 0)
+    for path in ("forward", "observe"):
+        (own, own_rows), (copied, copied_rows) = got["own", path], got["copies", path]
+        assert own_rows.x.shape == (len(rows), x.shape[1])
+        np.testing.assert_array_equal(copied_rows.x, own_rows.x)
+        for f in STAT_FIELDS:
+            np.testing.assert_array_equal(copied[f], own[f], err_msg=f)
+        moved = got["all-source-0", path][0]  # the copies, not the host ids, decide each token's source
+        assert (moved["freq"][1] == 0).all() and moved["freq"][0].sum() == own["freq"].sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="token_meta copies to the device only on a GPU")
+def test_token_meta_copies_the_source_ids_and_sample_rows_to_the_gpu():
+    from mop_ray.observe.observer import token_meta
+
+    sample = np.arange(16).reshape(2, 8) % 3 == 0
+    meta = token_meta(np.array([2, 0]), np.array([5, 6]), 8, sample, torch.device("cuda", 0))
+    on = meta["device"]
+    assert on["source"].is_cuda and on["rows"].is_cuda and on["source"].dtype == torch.long
+    assert torch.equal(on["source"].cpu(), meta["source"])
+    assert torch.equal(on["rows"].cpu(), torch.from_numpy(np.flatnonzero(sample)))
+
+
 def test_a_stage_records_the_same_whether_the_observer_or_the_block_computes_the_output(tiny_models, tmp_path,
                                                                                          monkeypatch):
     """Experts whose outputs exceed the observer's budget leave the block's own forward in place (the stage's
