@@ -110,7 +110,7 @@ def combine(outputs: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, shared: t
     expert on every token), the routed ids ``idx`` [T, k] and their float32 gates ``w`` [T, k], plus the shared
     experts' ``shared`` [T, H] (or None): shared + Σ_j w[:, j]·outputs[idx[:, j], t], summed in float32 in the
     order of j (the same sum in both paths), then rounded to ``dtype``."""
-    n_experts, tokens, hidden = outputs.shape
+    _, tokens, hidden = outputs.shape  # [E, T, H]
     k = idx.shape[1]
     if (fused(outputs) and outputs.is_contiguous() and w.dtype == torch.float32
             and (shared is None or shared.is_contiguous())):
