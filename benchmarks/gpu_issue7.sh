@@ -4,6 +4,11 @@
 #   bash benchmarks/gpu_issue7.sh mixtral [RUNS]  # Mixtral-8x7B shape, 8 layers, 262,144 tokens, mop 8 -> 4, RUNS
 #                                                 # runs of speed.py (default 2), each with the first wave's per-call
 #                                                 # GPU times (first_wave_ms) printed
+#   bash benchmarks/gpu_issue7.sh ab BASE [ROUNDS] # the mixtral job alternately from an earlier tree BASE (its mop_ray/,
+#                                                 # actors/ and benchmarks/, e.g. `git archive REV mop_ray actors
+#                                                 # benchmarks | tar -x -C .device/base`) and from this one, ROUNDS
+#                                                 # rounds (default 2) after one job that fills the caches: a
+#                                                 # before/after on one machine, whichever card comes
 #   bash benchmarks/gpu_issue7.sh scaling         # the same job on 1, 2, ... GPUs, up to the machine's count
 #   bash benchmarks/gpu_issue7.sh deepseek [RUNS] # DeepSeek-V3 shape, 1 dense + 1 MoE layer (27.9 GB), mop 256 -> 128,
 #                                                 # 131,072 tokens, sample 65,536: RUNS runs of speed.py (default 1)
@@ -24,7 +29,7 @@
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | tests | startup}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | ab BASE [ROUNDS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | tests | startup}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
@@ -52,6 +57,17 @@ case $step in
         --seq-len 2048 --sample 65536 --out-json "$OUT/speed-mixtral-8l$TAG-$i.json" > "$OUT/speed-mixtral-8l$TAG-$i.md" 2>&1
       grep -E "\| (total|observe|write) \||^First wave|^Whole job" "$OUT/speed-mixtral-8l$TAG-$i.md" || tail -20 "$OUT/speed-mixtral-8l$TAG-$i.md"
     done ;;
+  ab)
+    mixture; model
+    base=$(cd "${2:?usage: gpu_issue7.sh ab BASE [ROUNDS]}" && pwd); here=$(pwd)
+    job() {  # $1: the tree, $2: the output name's tag
+      (cd "$1" && PYTHONPATH="$1:${PYTHONPATH:-}" python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" \
+        --method mop --keep 4 --tokens 262144 --seq-len 2048 --sample 65536 --out-json "$OUT/speed-mixtral-8l$2.json" \
+        > "$OUT/speed-mixtral-8l$2.md" 2>&1)
+      grep -E "^Whole job|^First wave" "$OUT/speed-mixtral-8l$2.md" || tail -20 "$OUT/speed-mixtral-8l$2.md"
+    }
+    job "$here" "$TAG-new-0"; job "$base" "$TAG-base-0"  # the bytecode and Triton caches, both trees
+    for i in $(seq 1 "${3:-2}"); do job "$base" "$TAG-base-$i"; job "$here" "$TAG-new-$i"; done ;;
   deepseek)
     mixture
     [ -f "$D/dsv3/model.safetensors.index.json" ] ||
@@ -150,5 +166,5 @@ print(sys.argv[1].rsplit("/", 1)[-1], "total", r["wall_s"], "calibrate", r["timi
 PY
     done ;;
   *)
-    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, deepseek, scaling, first-call, profile, kernels, read, ram, tests or startup" >&2; exit 2 ;;
+    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, ab, deepseek, scaling, first-call, profile, kernels, read, ram, tests or startup" >&2; exit 2 ;;
 esac
