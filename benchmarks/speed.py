@@ -777,6 +777,22 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     return result
 
 
+def critical_path(run: dict) -> dict | None:
+    """Where one run's wall time went along its critical path, in seconds from the run's start: until the first stage's
+    first layer is built, from there until the last layer has passed its final wave, and after that; None without
+    the stages' timestamps (a method with no calibration)."""
+    stages = [st for st in run.get("stage_actors", []) if st.get("built_unix") and st.get("passed_unix")]
+    if not stages or "run_start_unix" not in run:
+        return None
+    t0 = run["run_start_unix"]
+    first = stages[0]["built_unix"][str(stages[0]["layers"][0])] - t0
+    last_passed = max(max(st["passed_unix"].values()) for st in stages) - t0
+    observe = [p for p in run["phases"] if p["phase"] == "observe"]
+    return {"start_s": first, "waves_s": last_passed - first, "tail_s": run["wall_s"] - last_passed,
+            "last_built_s": max(max(st["built_unix"].values()) for st in stages) - t0,
+            "compute_floor_s": observe[0].get("compute_floor_s") if observe else None}
+
+
 def markdown(report: dict) -> str:
     m, fl = report["model"], report["floors"]
     lines = [f"## mop-ray speed: {m['family']} ({m['layers']} layers: {len(m['moe_layers'])} MoE, "
@@ -806,6 +822,14 @@ def markdown(report: dict) -> str:
                           f"of the phase floors, {fmt(t.get('time_over_floor_max'))}x the max over resources (all "
                           f"compute, all reads, all writes), {fmt(t.get('time_over_floor_compute_or_read'))}x max(all "
                           f"compute, one read of the layers) = {fmt(t.get('floor_compute_or_read_s'))} s."]
+    for r in report["runs"]:
+        path = critical_path(r)
+        if path:
+            lines += ["", f"Critical path ({r['stages']} stage(s)): {path['start_s']:.2f} s before the first layer is built "
+                          f"(process start, imports, its read), {path['waves_s']:.2f} s from there until the last layer "
+                          f"has passed (compute floor {fmt(path['compute_floor_s'])} s; the last layer built at "
+                          f"{path['last_built_s']:.2f} s), {path['tail_s']:.2f} s after it (the last selections and "
+                          f"shards)."]
     lines += ["", "| stages | observe tokens/s | streaming tokens/s | GPU peak, torch (GB) | GPU peak, nvidia-smi (GB) | "
                   "host peak RSS / PSS, all processes (GB) | driver peak RSS (GB) |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
