@@ -351,7 +351,8 @@ def test_the_observer_takes_the_micro_batchs_device_copies_of_source_and_sample_
     x = torch.randn(32, int(ckpt.config["hidden_size"]), generator=torch.Generator().manual_seed(0))
     rows = meta["sample"].nonzero().squeeze(1)
     cases = {"own": None, "copies": {"source": meta["source"].clone(), "rows": rows.clone()},
-             "all-source-0": {"source": torch.zeros_like(meta["source"]), "rows": rows.clone()}}
+             "all-source-0": {"source": torch.zeros_like(meta["source"]), "rows": rows.clone()},
+             "rows-reversed": {"source": meta["source"].clone(), "rows": rows.flip(0)}}
     got = {}
     for name, on_device in cases.items():
         for path in ("forward", "observe"):
@@ -373,6 +374,7 @@ def test_the_observer_takes_the_micro_batchs_device_copies_of_source_and_sample_
             np.testing.assert_array_equal(copied[f], own[f], err_msg=f)
         moved = got["all-source-0", path][0]  # the copies, not the host ids, decide each token's source
         assert (moved["freq"][1] == 0).all() and moved["freq"][0].sum() == own["freq"].sum() > 0
+        np.testing.assert_array_equal(got["rows-reversed", path][1].x, own_rows.x[::-1])  # and the copied rows
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="token_meta copies to the device only on a GPU")
