@@ -49,25 +49,25 @@ model() {  # $D/mx${1:-8}: the Mixtral-8x7B-shaped checkpoint with $1 layers, de
     python benchmarks/make_synthetic.py --preset mixtral-8x7b --layers "$n" --out "$D/mx$n" 2>&1 | tail -3
 }
 
+mixtral_job() {  # $1: the tree whose mop_ray runs it, $2: the output name's tag: the Mixtral job, 8 layers, mop 8 -> 4
+  (cd "$1" && PYTHONPATH="$1:${PYTHONPATH:-}" python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" \
+    --method mop --keep 4 --tokens 262144 --seq-len 2048 --sample 65536 --out-json "$OUT/speed-mixtral-8l$2.json" \
+    > "$OUT/speed-mixtral-8l$2.md" 2>&1)
+  grep -E "\| (total|observe|write) \||^First wave|^Whole job|^Critical path" "$OUT/speed-mixtral-8l$2.md" ||
+    tail -20 "$OUT/speed-mixtral-8l$2.md"
+}
+
 case $step in
   mixtral)
     mixture; model
     for i in $(seq 1 "${2:-2}"); do  # MOP_RAY_WARM_UP=0 in the environment: the stages' warm-up off
-      python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
-        --seq-len 2048 --sample 65536 --out-json "$OUT/speed-mixtral-8l$TAG-$i.json" > "$OUT/speed-mixtral-8l$TAG-$i.md" 2>&1
-      grep -E "\| (total|observe|write) \||^First wave|^Whole job" "$OUT/speed-mixtral-8l$TAG-$i.md" || tail -20 "$OUT/speed-mixtral-8l$TAG-$i.md"
+      mixtral_job "$(pwd)" "$TAG-$i"
     done ;;
   ab)
     mixture; model
     base=$(cd "${2:?usage: gpu_issue7.sh ab BASE [ROUNDS]}" && pwd); here=$(pwd)
-    job() {  # $1: the tree, $2: the output name's tag
-      (cd "$1" && PYTHONPATH="$1:${PYTHONPATH:-}" python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" \
-        --method mop --keep 4 --tokens 262144 --seq-len 2048 --sample 65536 --out-json "$OUT/speed-mixtral-8l$2.json" \
-        > "$OUT/speed-mixtral-8l$2.md" 2>&1)
-      grep -E "^Whole job|^First wave" "$OUT/speed-mixtral-8l$2.md" || tail -20 "$OUT/speed-mixtral-8l$2.md"
-    }
-    job "$here" "$TAG-new-0"; job "$base" "$TAG-base-0"  # the bytecode and Triton caches, both trees
-    for i in $(seq 1 "${3:-2}"); do job "$base" "$TAG-base-$i"; job "$here" "$TAG-new-$i"; done ;;
+    mixtral_job "$here" "$TAG-new-0"; mixtral_job "$base" "$TAG-base-0"  # the bytecode and Triton caches, both trees
+    for i in $(seq 1 "${3:-2}"); do mixtral_job "$base" "$TAG-base-$i"; mixtral_job "$here" "$TAG-new-$i"; done ;;
   deepseek)
     mixture
     [ -f "$D/dsv3/model.safetensors.index.json" ] ||
