@@ -129,8 +129,8 @@ def read_into(info, dest: torch.Tensor) -> None:
     """Read one tensor's bytes from its safetensors file straight into ``dest`` (contiguous, same dtype and size):
     one kernel copy from the page cache, no mmap faults, no intermediate tensor; releases the GIL. A CUDA ``dest``
     is filled through this thread's pinned chunks (``_read_into_device``)."""
-    if dest.numel() * dest.element_size() != info.nbytes:
-        want = dest.numel() * dest.element_size()
+    want = dest.numel() * dest.element_size()
+    if want != info.nbytes:
         raise MopError(f"{info.path}: {info.name} has {info.nbytes} bytes, expected {want}")
     if dest.device.type == "cuda":
         return _read_into_device(info, dest.view(-1).view(torch.uint8))
@@ -149,7 +149,7 @@ def _read_into_device(info, dest: torch.Tensor) -> None:
         if done != len(buf):
             raise MopError(f"{info.path}: truncated while reading {info.name} ({start + done} of {info.nbytes} bytes)")
 
-    stream = _side_stream(dest.device)
+    stream = thread_stream(dest.device)
     _upload_chunks(dest, fill, stream)
     stream.synchronize()  # on the device before any other stream uses it
 
@@ -388,8 +388,9 @@ def _upload_chunks(dst: torch.Tensor, fill, stream: torch.cuda.Stream) -> None:
             event.record(stream)
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """This thread's own stream on ``device`` (reads straight to the GPU copy on it, not on the caller's)."""
+def thread_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's own side stream on ``device``, made once (reads straight to the GPU copy on it, the observer
+    its sampled rows to the host: not on the caller's stream)."""
     if not hasattr(_STAGING, "streams"):
         _STAGING.streams = {}
     if device not in _STAGING.streams:

@@ -16,8 +16,6 @@ experts — the rows' expert products) go to ``sample.arrow`` (records.py).
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
@@ -25,6 +23,7 @@ from mop_ray import plan
 from mop_ray.arch import Family, RouterSpec, route
 from mop_ray.arch.experts import expert_forward
 from mop_ray.arch.kernels import combine, error_and_norm
+from mop_ray.arch.layer import thread_stream
 from mop_ray.observe.records import STAT_FIELDS, SampleWriter, records_outputs, records_products
 
 
@@ -43,12 +42,6 @@ def token_meta(source, block, seq: int, sample, device: torch.device | None = No
         meta["device"] = {"source": _to_device(meta["source"].long(), device),  # [T]
                           "rows": _to_device(meta["sample"].nonzero().squeeze(1), device)}  # [N]
     return meta
-
-
-@functools.cache
-def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The stream the sampled rows go to the host on, one per device."""
-    return torch.cuda.Stream(device)
 
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
@@ -186,7 +179,7 @@ class MoEObserver:
         ready = None
         if x.device.type == "cuda":  # into (cached) pinned host memory on a copy stream: the next layer computes
             # meanwhile (on the waves' stream the copies held it ~1 ms a Mixtral-shaped call); the writer waits
-            stream = _copy_stream(x.device)
+            stream = thread_stream(x.device)
             stream.wait_stream(torch.cuda.current_stream(x.device))
             host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts]
             with torch.cuda.stream(stream):
