@@ -8,7 +8,8 @@
 #                                                 # actors/ and benchmarks/, e.g. `git archive REV mop_ray actors
 #                                                 # benchmarks | tar -x -C .device/base`) and from this one, ROUNDS
 #                                                 # rounds (default 2) after one job that fills the caches: a
-#                                                 # before/after on one machine, whichever card comes
+#                                                 # before/after on one machine, whichever card comes;
+#                                                 # its runs come back in one file, $OUT/ab$TAG.tar.gz
 #   bash benchmarks/gpu_issue7.sh scaling         # the same job on 1, 2, ... GPUs, up to the machine's count
 #   bash benchmarks/gpu_issue7.sh deepseek [RUNS] # DeepSeek-V3 shape, 1 dense + 1 MoE layer (27.9 GB), mop 256 -> 128,
 #                                                 # 131,072 tokens, sample 65,536: RUNS runs of speed.py (default 1)
@@ -67,7 +68,10 @@ case $step in
     mixture; model
     base=$(cd "${2:?usage: gpu_issue7.sh ab BASE [ROUNDS]}" && pwd); here=$(pwd)
     mixtral_job "$here" "$TAG-new-0"; mixtral_job "$base" "$TAG-base-0"  # the bytecode and Triton caches, both trees
-    for i in $(seq 1 "${3:-2}"); do mixtral_job "$base" "$TAG-base-$i"; mixtral_job "$here" "$TAG-new-$i"; done ;;
+    for i in $(seq 1 "${3:-2}"); do mixtral_job "$base" "$TAG-base-$i"; mixtral_job "$here" "$TAG-new-$i"; done
+    # one file back for all runs (a device call returns at most 8 files)
+    (cd "$OUT" && tar -czf "ab$TAG.tar.gz" speed-mixtral-8l"$TAG"-base-* speed-mixtral-8l"$TAG"-new-* &&
+      rm -f speed-mixtral-8l"$TAG"-base-* speed-mixtral-8l"$TAG"-new-*) ;;
   deepseek)
     mixture
     [ -f "$D/dsv3/model.safetensors.index.json" ] ||

@@ -501,7 +501,18 @@ def instrument() -> bool:
         return False
     coord.LayerShardWorker = make_bench_shard(coord.LayerShardWorker)
     coord.select_layer_task = ray.remote(max_retries=3)(bench_select)
+    start_stages = coord.start_stages
+
+    def timed_start_stages(*args, **kwargs):  # when the driver asks for the stages, to tell its own start from theirs
+        STAGES_ASKED.append(time.time())
+        live = start_stages(*args, **kwargs)
+        STAGES_ASKED.append(time.time())  # the placement group reserved and every actor creation submitted
+        return live
+    coord.start_stages = timed_start_stages
     return True
+
+
+STAGES_ASKED: list[float] = []  # unix times: the driver's start_stages called, and returned (pairs, per attempt)
 
 
 # ===================================================================================== model costs (floors)
@@ -684,6 +695,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     host, gpu = HostMemory(args.poll), GpuMemory(args.poll)
     host.start()
     gpu.start()
+    STAGES_ASKED.clear()
     t0, start_unix = time.perf_counter(), time.time()
     try:
         res = run(job, log=log)
@@ -763,6 +775,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     cuda_peaks = [v["cuda_peak_bytes"] for v in stage_info + select_info if v.get("cuda_peak_bytes")]
     result = {
         "stages": stages, "wall_s": round(wall, 2), "timings": timings, "phases": phases, "run_start_unix": start_unix,
+        "stages_asked_unix": list(STAGES_ASKED),
         "calibrate": manifest["phases"].get("calibrate"),  # tokenising vs imports and tokenizer load
         "tokens": tokens, "observe_tokens_per_s": round(tokens / timings["observe_s"], 1) if timings.get("observe_s") else None,
         "stream_tokens_per_s": (round(tokens / max(v["forward_s"] for v in stage_info), 1)
@@ -788,7 +801,9 @@ def critical_path(run: dict) -> dict | None:
     first = stages[0]["built_unix"][str(stages[0]["layers"][0])] - t0
     last_passed = max(max(st["passed_unix"].values()) for st in stages) - t0
     observe = [p for p in run["phases"] if p["phase"] == "observe"]
+    asked = run.get("stages_asked_unix") or []
     return {"start_s": first, "waves_s": last_passed - first, "tail_s": run["wall_s"] - last_passed,
+            "asked_s": asked[0] - t0 if asked else None, "init_s": stages[0]["init_unix"] - t0,
             "last_built_s": max(max(st["built_unix"].values()) for st in stages) - t0,
             "compute_floor_s": observe[0].get("compute_floor_s") if observe else None}
 
@@ -826,7 +841,8 @@ def markdown(report: dict) -> str:
         path = critical_path(r)
         if path:
             lines += ["", f"Critical path ({r['stages']} stage(s)): {path['start_s']:.2f} s before the first layer is built "
-                          f"(process start, imports, its read), {path['waves_s']:.2f} s from there until the last layer "
+                          f"(stages asked for at {fmt(path['asked_s'])} s, the first one's __init__ at {path['init_s']:.2f} s, then its "
+                          f"imports and its read), {path['waves_s']:.2f} s from there until the last layer "
                           f"has passed (compute floor {fmt(path['compute_floor_s'])} s; the last layer built at "
                           f"{path['last_built_s']:.2f} s), {path['tail_s']:.2f} s after it (the last selections and "
                           f"shards)."]
