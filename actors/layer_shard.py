@@ -30,6 +30,7 @@ from mop_ray.checkpoint.prefetch import Prefetcher
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.observe.observer import MoEObserver, token_meta
 from mop_ray.observe.records import SampleWriter, layer_dir, write_stats
+from mop_ray.plan import check_fits
 
 
 # where first calls cost enough to warm up (lazily loaded kernels, cuBLAS, pinned memory); MOP_RAY_WARM_UP=0: nowhere
@@ -39,6 +40,13 @@ WARM_UP_DEVICES = ("cuda",)
 def pick_device() -> torch.device:
     """The GPU Ray assigned to this actor (CUDA_VISIBLE_DEVICES is set per actor), else the CPU."""
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_memory(device: torch.device) -> tuple[int, str] | None:
+    """(total bytes, name) of the stage's GPU; None on the CPU, whose memory the stage does not plan."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
 
 
 def _fault_injection(layers: list[int], mb_id: int | str) -> None:
@@ -130,6 +138,9 @@ class LayerShardWorker:
         prefetch = Prefetcher(self.ckpt, ids)  # the next layers into the page cache while transformers imports
         warming = None  # the warm-up thread, once started
         try:
+            memory = device_memory(self.device)
+            if memory is not None:  # layers that cannot fit fail now, not minutes into their copies
+                check_fits(self.ckpt, ids, first_stage, *memory)
             embed = reader.submit(self._read_embedding) if first_stage else None
             ahead = reader.submit(self._read, ids[0]) if ids else None
             config = hf_config(self.ckpt)

@@ -80,7 +80,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from mop_ray.checkpoint.reader import Checkpoint
-    from mop_ray.plan import describe, plan_stages, wave_tokens
+    from mop_ray.plan import describe, fewest_stages, plan_stages, wave_tokens
 
     if args.shape_only:
         from mop_ray.shapes import ShapeOnly
@@ -88,12 +88,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ckpt = ShapeOnly(args.model)
     else:
         ckpt = Checkpoint(args.model)
-    wave = wave_tokens(ckpt, args.stages, tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                       waves=args.waves, dtype=args.dtype)
-    stages = plan_stages(ckpt, args.stages, micro_batch_tokens=args.micro_batch * args.seq_len, wave_tokens=wave)
+    if args.gpu_memory is not None:  # the fewest stages (one GPU each) whose memory estimates fit such a GPU
+        if args.gpu_memory <= 0:
+            raise MopError(f"--gpu-memory {args.gpu_memory:g}: expected the GPU's memory in GiB, e.g. 79.6 for an H100")
+        stages = fewest_stages(ckpt, int(args.gpu_memory * 2**30), tokens=args.tokens, seq_len=args.seq_len,
+                               micro_batch=args.micro_batch, waves=args.waves, dtype=args.dtype)
+    else:
+        wave = wave_tokens(ckpt, args.stages, tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                           waves=args.waves, dtype=args.dtype)
+        stages = plan_stages(ckpt, args.stages, micro_batch_tokens=args.micro_batch * args.seq_len, wave_tokens=wave)
     if args.json:
         print(json.dumps([s.to_dict() for s in stages], indent=2))
     else:
+        if args.gpu_memory is not None:
+            print(f"fewest stages whose memory estimates fit a {args.gpu_memory:g} GiB "
+                  f"({args.gpu_memory * 2**30 / 1e9:.1f} GB) GPU: {len(stages)}, one GPU each")
         print(describe(stages, ckpt))
     return 0
 
@@ -221,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--tokens", type=int, default=128 * 2048, help="calibration tokens (sizes the waves; default 262144)")
     pl.add_argument("--waves", type=int, help="as prune's --waves")
     pl.add_argument("--dtype", help="as prune's --dtype")
+    pl.add_argument("--gpu-memory", type=float, help="GiB per GPU (nvidia-smi's total, e.g. 79.6 for an H100, 139.8 "
+                    "for an H200): plan the fewest stages whose memory estimates fit; --stages is then ignored")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--shape-only", action="store_true", help="--model is a config.json (or its folder); no weights needed")
     pl.set_defaults(fn=cmd_plan)

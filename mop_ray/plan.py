@@ -127,6 +127,36 @@ def plan_stages(ckpt: Checkpoint, n_stages: int, *, micro_batch_tokens: int = 81
     return stages
 
 
+def fewest_stages(ckpt: Checkpoint, device_bytes: int, *, tokens: int, seq_len: int, micro_batch: int,
+                  waves: int | None = None, dtype: str | None = None) -> list[Stage]:
+    """The plan with the fewest stages whose every memory estimate fits a GPU of ``device_bytes``."""
+    for n in range(1, ckpt.num_layers + 1):
+        wave = wave_tokens(ckpt, n, tokens=tokens, seq_len=seq_len, micro_batch=micro_batch, waves=waves, dtype=dtype)
+        stages = plan_stages(ckpt, n, micro_batch_tokens=micro_batch * seq_len, wave_tokens=wave)
+        if max(st.memory_bytes for st in stages) <= device_bytes:
+            return stages
+    largest = max(stages, key=lambda st: st.memory_bytes)
+    raise MopError(f"no plan fits a {device_bytes / 2**30:.1f} GiB GPU: even one layer per stage needs up to "
+                   f"{largest.memory_bytes / 2**30:.1f} GiB (layer {largest.layers[0]}, with its activations)")
+
+
+def check_fits(ckpt: Checkpoint, layers: list[int], first_stage: bool, device_bytes: int, device_name: str) -> None:
+    """Refuse a stage whose layers' weights alone exceed its GPU's memory: it would otherwise read and copy layers
+    for minutes and then run out of memory. Weights are resident bytes (FP8 dequantized to bf16; the first stage
+    adds the embedding); the advice counts the whole model's weights plus a tenth for activations."""
+    resident = ckpt.resident_layer_bytes
+    need = sum(resident.get(i, 0) for i in layers) + (ckpt.embed_bytes if first_stage else 0)
+    if need <= device_bytes:
+        return
+    whole = sum(resident.values()) + ckpt.embed_bytes
+    gpus = -(-(whole * 11 // 10) // device_bytes)
+    raise MopError(f"the stage holding layers {layers[0]}-{layers[-1]} needs {need / 1e9:.1f} GB for their weights "
+                   f"but its GPU ({device_name}) has {device_bytes / 1e9:.1f} GB: the model's {whole / 1e9:.1f} GB of "
+                   f"weights need at least {gpus} such GPUs (`mop-ray plan --model M --gpu-memory "
+                   f"{device_bytes / 2**30:.1f}` gives the fewest stages that fit): run that many stages on as many "
+                   f"GPUs (the default is one stage per GPU of the cluster)")
+
+
 def describe(stages: list[Stage], ckpt: Checkpoint) -> str:
     lines = [f"{len(stages)} stage(s) for {ckpt.family.name} ({ckpt.num_layers} layers, {ckpt.total_bytes / 1e9:.2f} GB):"]
     moe = set(ckpt.moe_layers)

@@ -14,7 +14,7 @@ from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.data.calib import DOMAINS, block_counts, build_calibration, parse_spec
 from mop_ray.errors import MopError
 from mop_ray.observe.records import STAT_FIELDS, SampleWriter, bf16_bits, decode_rows, read_sample, read_stats, write_stats
-from mop_ray.plan import _split, plan_stages
+from mop_ray.plan import _split, check_fits, plan_stages
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,21 @@ def test_stage_plan_balances_bytes(tiny_models):
         plan_stages(ckpt, 4)
 
 
+def test_a_stage_whose_weights_exceed_its_gpu_is_refused_with_the_gpus_the_model_needs(tiny_models):
+    ckpt = Checkpoint(tiny_models["mixtral"])
+    layers = list(range(ckpt.num_layers))
+    need = sum(ckpt.resident_layer_bytes.values()) + ckpt.embed_bytes
+    check_fits(ckpt, layers, True, need, "a GPU")  # exactly enough: no error
+    check_fits(ckpt, layers[1:], False, need - ckpt.embed_bytes - ckpt.resident_layer_bytes[0], "a GPU")
+    with pytest.raises(MopError) as e:
+        check_fits(ckpt, layers, True, need // 3, "NVIDIA Test 1GB")
+    msg = str(e.value)
+    assert f"layers 0-{layers[-1]}" in msg and "NVIDIA Test 1GB" in msg and "\n" not in msg
+    assert f"need at least {-(-(need * 11 // 10) // (need // 3))} such GPUs" in msg  # 1.1x the weights, rounded up
+    with pytest.raises(MopError, match="layers 1-1 needs"):  # a later stage: no embedding in its weights
+        check_fits(ckpt, [1], False, ckpt.resident_layer_bytes[1] - 1, "a GPU")
+
+
 def test_plan_command(tiny_models, capsys):
     from mop_ray.cli import main
 
@@ -148,6 +163,28 @@ def test_plan_command(tiny_models, capsys):
     small, big = one_stage_memory("--tokens", "16384"), one_stage_memory("--tokens", "65536")
     assert big - small == (65536 - 16384) * hidden * 4  # one wave: every calibration token's hidden state
     assert one_stage_memory("--tokens", "65536", "--waves", "4") == small  # a quarter of them per wave
+
+
+def test_plan_for_a_gpu_size_takes_the_fewest_stages_that_fit(tiny_models, capsys):
+    from mop_ray.cli import main
+
+    model = str(tiny_models["deepseek_v3"])
+
+    def largest(n):  # the largest stage memory estimate of the --stages n plan (plan's defaults)
+        assert main(["plan", "--model", model, "--stages", str(n), "--json"]) == 0
+        return max(s["memory_bytes"] for s in json.loads(capsys.readouterr().out))
+
+    one, two, three = largest(1), largest(2), largest(3)
+    assert one > two > three
+    for budget, want in ((one, 1), (one - 1, 2), (two, 2), (two - 1, 3), (three, 3)):
+        assert main(["plan", "--model", model, "--gpu-memory", repr(budget / 2**30), "--json"]) == 0
+        assert len(json.loads(capsys.readouterr().out)) == want, (budget, want)
+    assert main(["plan", "--model", model, "--gpu-memory", repr(two / 2**30)]) == 0
+    assert capsys.readouterr().out.startswith("fewest stages whose memory estimates fit a ")
+    assert main(["plan", "--model", model, "--gpu-memory", repr((three - 1) / 2**30)]) == 2
+    assert "no plan fits a 0.0 GiB GPU: even one layer per stage needs up to" in capsys.readouterr().err
+    assert main(["plan", "--model", model, "--gpu-memory", "-1"]) == 2
+    assert "--gpu-memory -1: expected the GPU's memory in GiB" in capsys.readouterr().err
 
 
 def test_shipped_configs_use_known_keys(tmp_path):

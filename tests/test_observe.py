@@ -415,3 +415,19 @@ def test_a_stage_records_the_same_whether_the_observer_or_the_block_computes_the
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
         for f in STAT_FIELDS:
             np.testing.assert_allclose(ta.by_source[f], tb.by_source[f], rtol=1e-4, atol=1e-6)
+
+
+def test_a_stage_too_large_for_its_gpu_fails_before_reading_a_layer(tiny_models, tmp_path, monkeypatch):
+    """The loader checks its layers against the GPU's memory first (here a pretended 1 MB GPU): the waves get the
+    plan's MopError at once, and no layer has been read."""
+    import actors.layer_shard as layer_shard
+    from actors.layer_shard import LayerShardWorker
+    from mop_ray.errors import MopError
+
+    model = tiny_models["mixtral"]
+    monkeypatch.setattr(layer_shard, "device_memory", lambda device: (10**6, "a 1 MB GPU"))
+    worker = LayerShardWorker(str(model), [0, 1], str(tmp_path), ["code"], first_stage=True)
+    with pytest.raises(MopError, match=r"layers 0-1 needs .* its GPU \(a 1 MB GPU\) has 0.0 GB"):
+        worker.forward(0, torch.zeros(1, 8, dtype=torch.long), {"source": np.zeros(1, int), "block": np.arange(1),
+                                                                "sample": np.zeros((1, 8), bool)})
+    assert worker.load_times["read_s"] == 0.0 and all(isinstance(f.exception(), MopError) for f in worker._built)
