@@ -135,12 +135,13 @@ class LayerShardWorker:
         times, ids = self.load_times, self.layer_ids
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        prefetch = Prefetcher(self.ckpt, ids)  # the next layers into the page cache while transformers imports
+        prefetch = None
         warming = None  # the warm-up thread, once started
         try:
             memory = device_memory(self.device)
             if memory is not None:  # layers that cannot fit fail now, not minutes into their copies
                 check_fits(self.ckpt, ids, first_stage, *memory)
+            prefetch = Prefetcher(self.ckpt, ids)  # the next layers into the page cache while transformers imports
             embed = reader.submit(self._read_embedding) if first_stage else None
             ahead = reader.submit(self._read, ids[0]) if ids else None
             config = hf_config(self.ckpt)
@@ -183,8 +184,9 @@ class LayerShardWorker:
             if warming is None and not self._warmed.done():
                 self._warmed.set_result(None)  # no warm-up thread will
         finally:
-            prefetch.close()
-            times["prefetched_gb"] = prefetch.read_bytes / 1e9
+            if prefetch is not None:
+                prefetch.close()
+                times["prefetched_gb"] = prefetch.read_bytes / 1e9
             reader.shutdown(wait=True, cancel_futures=True)
 
     def _warm(self, rotary: torch.nn.Module, dtype: torch.dtype | None) -> None:

@@ -7,7 +7,8 @@ bytes: FP8 block-quantised weights count twice their file size, since stages deq
 calibration. The first stage also holds the token embedding. The memory estimate adds the all-experts
 working set of one micro-batch (every expert's output at once when the observer keeps them), the hidden
 states of one wave (micro-batches a stage takes layer by layer) and, for FP8, the float8 copy of the largest
-layer's weights while it is dequantized on the device.
+layer's weights while it is dequantized on the device. ``fewest_stages`` plans for a GPU size; ``check_fits`` is
+the stage's own refusal of layers whose weights exceed its GPU.
 """
 
 from __future__ import annotations

@@ -430,4 +430,6 @@ def test_a_stage_too_large_for_its_gpu_fails_before_reading_a_layer(tiny_models,
     with pytest.raises(MopError, match=r"layers 0-1 needs .* its GPU \(a 1 MB GPU\) has 0.0 GB"):
         worker.forward(0, torch.zeros(1, 8, dtype=torch.long), {"source": np.zeros(1, int), "block": np.arange(1),
                                                                 "sample": np.zeros((1, 8), bool)})
-    assert worker.load_times["read_s"] == 0.0 and all(isinstance(f.exception(), MopError) for f in worker._built)
+    worker._loader.join()
+    assert worker.load_times["read_s"] == 0.0 and "prefetched_gb" not in worker.load_times  # no read, no read-ahead
+    assert all(isinstance(f.exception(), MopError) for f in worker._built)
