@@ -53,6 +53,7 @@ class PruneJob:
     overwrite: bool = False
     stages: int | None = None
     stage_gpus: int | None = None  # GPUs per stage; None: 1 if the cluster has a GPU per stage now, else 0
+    stages_at_once: int | None = None  # fewer than the stages: rounds of this many (None: see ``stages_at_once``)
     micro_batch: int = 4
     waves: int | None = None  # micro-batch groups a stage takes layer by layer; None: mop_ray.plan.plan_waves decides
     max_inflight: int = 4
@@ -130,9 +131,22 @@ def calibrate(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, lo
     return calib
 
 
-def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int], log) -> "LiveStages":
+def stages_at_once(job: PruneJob, n_stages: int) -> int:
+    """How many of the plan's stages run at once: ``job.stages_at_once``, else as many as the cluster has GPUs when
+    it has some but fewer than stages (and --stage-gpus is not given), else all. Fewer than all: the stages run in
+    rounds (``_observe_rounds``), so a model whose layers need more GPUs than the cluster has still fits."""
+    if job.stages_at_once is not None:
+        if job.stages_at_once < 1:
+            raise MopError(f"--stages-at-once {job.stages_at_once}: expected at least 1")
+        return min(job.stages_at_once, n_stages)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return gpus if job.stage_gpus is None and 0 < gpus < n_stages else n_stages
+
+
+def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int], log,
+                 which: slice | None = None) -> "LiveStages":
     """Create the stage actors (asynchronously: they load their layers while the caller goes on); they record
-    once ``begin(sources)`` is called."""
+    once ``begin(sources)`` is called. ``which``: only these stages of the plan (a round of them)."""
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -140,7 +154,9 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
     stages = plan_stages(ckpt, n_stages, micro_batch_tokens=job.micro_batch * job.seq_len,
                          wave_tokens=wave_tokens(ckpt, n_stages, tokens=job.tokens, seq_len=job.seq_len,
                                                  micro_batch=job.micro_batch, waves=job.waves, dtype=job.dtype))
-    log(describe(stages, ckpt))
+    if which is None or which.start == 0:
+        log(describe(stages, ckpt))
+    stages = stages[which] if which is not None else stages
     gpus = int(ray.cluster_resources().get("GPU", 0))
     stage_gpus = job.stage_gpus if job.stage_gpus is not None else int(gpus >= len(stages))
     if stage_gpus:  # an autoscaling cluster with no GPU node yet starts GPU nodes for these bundles
@@ -155,11 +171,11 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
     runtime_env = {"env_vars": job.extra["fault_env"]} if job.extra.get("fault_env") else None
     actors = []
     moe = set(ckpt.moe_layers)
-    for st in stages:
+    for k, st in enumerate(stages):
         record = any(i in moe and i not in recorded for i in st.layers)
         actors.append(Shard.options(
             **actor_res, runtime_env=runtime_env,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=st.index),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=k),
         ).remote(str(ckpt.path), list(st.layers), str(run), None, first_stage=st.index == 0, record=record,
                  dtype=job.dtype, warm_up=(job.micro_batch, job.seq_len)))
     return LiveStages(stages, actors, pg)
@@ -178,8 +194,9 @@ def prestart_stages(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manife
     """The stages for observe, started before calibration so that their process start and weight loads overlap
     the tokenisation; None when every MoE layer is recorded already."""
     recorded = recorded_layers(manifest)
-    if set(ckpt.moe_layers) <= recorded:
-        return None
+    n_stages = job.stages or default_stages(ckpt.num_layers)
+    if set(ckpt.moe_layers) <= recorded or stages_at_once(job, n_stages) < n_stages:
+        return None  # nothing to record, or stages in rounds: each round starts its own
     return start_stages(job, ckpt, run, recorded, log)
 
 
@@ -231,11 +248,11 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
         if started is not None:
             started.close()
         return manifest.done("observe"), None
-    sources = sorted(set(calib["source"]))
-    src_idx = {s: i for i, s in enumerate(sources)}
-    ids = np.asarray(calib["input_ids"], dtype=np.int64)  # [n_blocks, seq_len]
-    block_sources = np.array([src_idx[s] for s in calib["source"]], dtype=np.int64)
-    mask = sample_mask(len(ids), ids.shape[1], job.sample, job.seed)
+    n_plan = job.stages or default_stages(ckpt.num_layers)
+    at_once = stages_at_once(job, n_plan)
+    if at_once < n_plan:
+        return _observe_rounds(job, ckpt, calib, run, manifest, log, n_plan, at_once), None
+    sources, ids, block_sources, mask = calibration_arrays(job, calib)
     live = started if started is not None else start_stages(job, ckpt, run, recorded, log)
     stages, actors = live.stages, live.actors
     finished = False
@@ -305,6 +322,83 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
     manifest.mark("observe", state)
     log(f"observe: {ids.size} tokens through {len(stages)} stage(s) in {seconds:.1f}s ({ids.size / seconds:.0f} tok/s)")
     return state, live
+
+
+def calibration_arrays(job: PruneJob, calib) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(source names, token ids [n_blocks, seq_len], each block's source index [n_blocks], sample mask
+    [n_blocks, seq_len]) of the calibration set."""
+    sources = sorted(set(calib["source"]))
+    src_idx = {s: i for i, s in enumerate(sources)}
+    ids = np.asarray(calib["input_ids"], dtype=np.int64)  # [n_blocks, seq_len]
+    block_sources = np.array([src_idx[s] for s in calib["source"]], dtype=np.int64)
+    return sources, ids, block_sources, sample_mask(len(ids), ids.shape[1], job.sample, job.seed)
+
+
+def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log, n_plan: int,
+                    at_once: int) -> dict:
+    """Observe with the plan's stages in rounds of ``at_once`` (a model whose layers need more GPUs than the
+    cluster has): each round's stages take every wave as the stages of one pipeline do, then write their records
+    and go, freeing their GPUs for the next round, which takes the waves' hidden states where the last one left
+    them (Ray's object store: tokens x hidden, e.g. 3.8 GB for 262,144 tokens of DeepSeek-V3 in bf16). No stage
+    outlives its round, so selection runs in tasks after observe."""
+    import torch
+
+    recorded = recorded_layers(manifest)
+    sources, ids, block_sources, mask = calibration_arrays(job, calib)
+    starts = list(range(0, len(ids), job.micro_batch))
+    waves = plan_waves(len(starts), at_once, micro_batch_bytes(ckpt, job.micro_batch, job.seq_len, job.dtype), job.waves)
+    rounds = [slice(r, r + at_once) for r in range(0, n_plan, at_once)]
+    layers = dict((manifest.done("observe") or {}).get("layers", {}))
+    stages, where, carried = [], [], [None] * len(waves)  # carried[w]: wave w's hidden states after the last round
+    t0 = time.time()
+    bar = tqdm(total=ids.size * len(rounds), unit="tok", desc="observe", disable=not job.progress, unit_scale=True)
+    try:
+        for r, which in enumerate(rounds):
+            final_round = r == len(rounds) - 1
+            live = start_stages(job, ckpt, run, recorded, log, which=which)
+            try:
+                ray.get([a.begin.remote(sources, None) for a in live.actors])
+                round_where = ray.get([a.where.remote() for a in live.actors])
+                log(f"observe: round {r + 1} of {len(rounds)}: layers {live.stages[0].layers[0]}-"
+                    f"{live.stages[-1].layers[-1]} on {len(live.actors)} stage(s)")
+                pending = []
+                for w, wave in enumerate(waves):
+                    spans = [(starts[mb], min(starts[mb] + job.micro_batch, len(ids))) for mb in wave]
+                    metas = [{"source": block_sources[a:b], "block": np.arange(a, b), "sample": mask[a:b]} for a, b in spans]
+                    ref = [torch.from_numpy(ids[a:b]) for a, b in spans] if r == 0 else carried[w]
+                    for j, actor in enumerate(live.actors):
+                        ref = actor.forward_wave.remote(wave, ref, metas, last=final_round and j == len(live.actors) - 1,
+                                                        final=w == len(waves) - 1)
+                    carried[w] = None if final_round else ref  # stays in the object store for the next round
+                    pending.append((ref, sum(b - a for a, b in spans) * ids.shape[1]))
+                for ref, n in pending:  # the last round's results are None; earlier rounds' are not fetched
+                    if final_round:
+                        ray.get(ref)
+                    else:
+                        ray.wait([ref], fetch_local=False)
+                    bar.update(n)
+                for res in ray.get([a.finish.remote(len(waves)) for a in live.actors]):  # raises a failed wave's error
+                    layers.update({str(k): v for k, v in res.items()})
+                for w_, times in zip(round_where, ray.get([a.loaded.remote() for a in live.actors])):
+                    w_["load"] = {k: round(v, 3) for k, v in times.items()}
+                stages += [st.to_dict() for st in live.stages]
+                where += round_where
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                if isinstance(cause, MopError):
+                    raise cause from None
+                raise
+            finally:
+                live.close()
+    finally:
+        bar.close()
+    seconds = time.time() - t0
+    state = {"layers": layers, "stages": stages, "placement": where, "rounds": len(rounds), "tokens": int(ids.size),
+             "seconds": round(seconds, 2), "tokens_per_s": round(ids.size / max(seconds, 1e-9), 1)}
+    manifest.mark("observe", state)
+    log(f"observe: {ids.size} tokens through {n_plan} stage(s) in {len(rounds)} rounds of {at_once} in {seconds:.1f}s "
+        f"({ids.size / seconds:.0f} tok/s)")
+    return state
 
 
 def select_params(job: PruneJob) -> dict:
@@ -398,11 +492,12 @@ def run(job: PruneJob, log=print) -> dict:
         log(f"disk: {human_size(records)} of new records in {job.run_path}, {human_size(output)} of output")
     check_reachable(job.address)  # an --address nobody answers on fails now, before anything is written
     connect(job.address)
-    need = (job.stage_gpus or 0) * (job.stages or default_stages(ckpt.num_layers))
+    n_stages = job.stages or default_stages(ckpt.num_layers)
+    need = (job.stage_gpus or 0) * stages_at_once(job, n_stages)  # the stages that run at once
     have = int(ray.cluster_resources().get("GPU", 0))
     if need and started_locally() and have < need:
         raise MopError(f"--stage-gpus {job.stage_gpus}: the stages need {need} GPUs but this machine's Ray has {have} "
-                       "and no autoscaler; lower --stages or drop stage-gpus")
+                       "and no autoscaler; lower --stages or --stages-at-once, or drop stage-gpus")
     run_dir = job.run_path
     if run_dir.exists() and not job.resume and (run_dir / "manifest.json").exists():
         shutil.rmtree(run_dir / "records", ignore_errors=True)

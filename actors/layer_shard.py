@@ -28,6 +28,7 @@ from mop_ray.arch.kernels import prepare as prepare_kernels
 from mop_ray.arch.layer import build_layer, compute_dtype, dtype_named, hf_config, layer_state_dict, rotary_embedding
 from mop_ray.checkpoint.prefetch import Prefetcher
 from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.errors import MopError
 from mop_ray.observe.observer import MoEObserver, token_meta
 from mop_ray.observe.records import SampleWriter, layer_dir, write_stats
 from mop_ray.plan import check_fits
@@ -105,6 +106,8 @@ class LayerShardWorker:
         # benchmarks set a list: the next wave appends (layer, micro-batch, CUDA event recorded after that call),
         # after a (None, None, event) at its start
         self.wave_events: list | None = None
+        self._waves_done = 0  # forward_wave calls that went through (``finish(expect_waves)`` checks them)
+        self._wave_error: BaseException | None = None  # the first wave's error here, raised again by ``finish``
         self._built: list[Future] = [Future() for _ in self.layer_ids]  # -> the decoder layer on the device
         self._inputs: Future = Future()  # -> (rotary embedding, token embedding or None)
         self._warmed: Future = Future()  # done once the warm-up has run (at once without one)
@@ -281,13 +284,20 @@ class LayerShardWorker:
         -> the wave's hidden states on the host for the next stage, None from the ``last`` stage."""
         for mb in mb_ids:
             _fault_injection(self.layer_ids, mb)
-        self._warmed.result()  # the warm-up runs on the waves' stream, before the first wave
-        if self.device.type != "cuda":
-            return self._forward_wave(inputs, metas, last, final)
-        if self._compute is None:  # of higher priority than the worker's: selecting beside the waves delays them less
-            self._compute = torch.cuda.Stream(self.device, priority=-1)
-        with torch.cuda.stream(self._compute):
-            return self._forward_wave(inputs, metas, last, final)
+        try:
+            self._warmed.result()  # the warm-up runs on the waves' stream, before the first wave
+            if self.device.type != "cuda":
+                out = self._forward_wave(inputs, metas, last, final)
+            else:
+                if self._compute is None:  # of higher priority than the worker's: selecting beside the waves delays them less
+                    self._compute = torch.cuda.Stream(self.device, priority=-1)
+                with torch.cuda.stream(self._compute):
+                    out = self._forward_wave(inputs, metas, last, final)
+        except BaseException as e:
+            self._wave_error = self._wave_error or e
+            raise
+        self._waves_done += 1
+        return out
 
     def _forward_wave(self, inputs: list[torch.Tensor], metas: list[dict], last: bool, final: bool):
         rotary, embed = self._inputs.result()
@@ -362,9 +372,15 @@ class LayerShardWorker:
         write_stats(layer_dir(self.run_dir, i), self.sources, obs.tokens, obs.stats)  # obs.stats: to the host once
         return {"rows": rows, "tokens": int(obs.tokens.sum())}
 
-    def finish(self) -> dict[int, dict]:
+    def finish(self, expect_waves: int | None = None) -> dict[int, dict]:
         """Close the sample files and write the statistics of layers no final wave closed; wait for the others.
-        -> {layer: {"rows", "tokens"}}."""
+        ``expect_waves``: raise instead (a wave's own error, else a MopError) unless that many waves went through
+        here — for a caller that does not fetch every wave's result. -> {layer: {"rows", "tokens"}}."""
+        if expect_waves is not None and self._waves_done != expect_waves:
+            if self._wave_error is not None:
+                raise self._wave_error
+            raise MopError(f"the stage holding layers {self.layer_ids[0]}-{self.layer_ids[-1]}: {self._waves_done} of "
+                           f"{expect_waves} waves went through (an earlier stage failed); its records are not written")
         self._loader.join()
         for i in list(self._observed_blocks):
             self._unobserve(i)

@@ -18,7 +18,8 @@ from mop_ray.errors import MopError
 PRUNE_DEFAULTS = {
     "method": "random", "keep": None, "general": None, "calib": "default", "tokens": 128 * 2048, "seq_len": 2048,
     "sample": 65536, "seed": 0, "run_dir": None, "address": None, "resume": False, "overwrite": False,
-    "keep_map": None, "allow_nonuniform": False, "stages": None, "stage_gpus": None, "micro_batch": 4, "waves": None,
+    "keep_map": None, "allow_nonuniform": False, "stages": None, "stage_gpus": None, "stages_at_once": None,
+    "micro_batch": 4, "waves": None,
     "max_shard_size": "5GB", "dtype": None,
 }
 CONFIG_ONLY = {"model", "out"}
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--stages", type=int, help="pipeline stages (default: one per GPU, one when there is none)")
     pr.add_argument("--stage-gpus", type=int, help="GPUs each stage reserves (default: 1 when the cluster has one GPU "
                     "per stage at start, else 0); 1 makes an autoscaling cluster start GPU nodes")
+    pr.add_argument("--stages-at-once", type=int, help="stages that run at once; fewer than --stages runs them in "
+                    "rounds, each round's stages freeing their GPUs for the next (default: all, or as many as the "
+                    "cluster has GPUs when it has fewer than stages)")
     pr.add_argument("--micro-batch", type=int, help="calibration blocks per micro-batch (default 4)")
     pr.add_argument("--waves", type=int, help="micro-batch groups each stage takes layer by layer, loading its next "
                     "layer meanwhile (default: 1 with one stage, 4 per stage otherwise; more when a wave's hidden "

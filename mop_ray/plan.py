@@ -154,8 +154,8 @@ def check_fits(ckpt: Checkpoint, layers: list[int], first_stage: bool, device_by
     raise MopError(f"the stage holding layers {layers[0]}-{layers[-1]} needs {need / 1e9:.1f} GB for their weights "
                    f"but its GPU ({device_name}) has {device_bytes / 1e9:.1f} GB: the model's {whole / 1e9:.1f} GB of "
                    f"weights need at least {gpus} such GPUs (`mop-ray plan --model M --gpu-memory "
-                   f"{device_bytes / 2**30:.1f}` gives the fewest stages that fit): run that many stages on as many "
-                   f"GPUs (the default is one stage per GPU of the cluster)")
+                   f"{device_bytes / 2**30:.1f}` gives the fewest stages that fit): pass --stages with that many "
+                   f"(on fewer GPUs they run in rounds, as many at once as there are GPUs)")
 
 
 def describe(stages: list[Stage], ckpt: Checkpoint) -> str:

@@ -42,3 +42,36 @@ def test_three_nodes_with_fake_gpus_match_a_single_process(tiny_models, tmp_path
         for f in STAT_FIELDS:
             np.testing.assert_allclose(a.by_source[f], b.by_source[f], rtol=1e-9, atol=1e-12)
     assert (tmp_path / "multi" / "config.json").exists()
+
+
+def test_more_stages_than_gpus_run_in_rounds_across_nodes(tiny_models, tmp_path, ray_local):
+    """Two nodes with one fake GPU each and three stages: the stages run in rounds of two (the first round's two
+    stages a pipeline across the nodes), each on a GPU, and give the single-process result."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    model = tiny_models["qwen3_moe"]
+    single = run(small_job(model, tmp_path / "single", stages=1), log=lambda *_: None)
+    ray.shutdown()
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.wait_for_nodes()
+        logs = []
+        rounds = run(small_job(model, tmp_path / "rounds", stages=3, address=cluster.address), log=logs.append)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    observe = json.loads((tmp_path / "rounds.run" / "manifest.json").read_text())["phases"]["observe"]
+    assert observe["rounds"] == 2 and [p["layers"] for p in observe["placement"]] == [[0], [1], [2]]
+    assert all(len(p["gpus"]) == 1 for p in observe["placement"])  # every stage on a (fake) GPU, none on the CPU
+    assert len({p["node"] for p in observe["placement"][:2]}) == 2  # the first round: one stage per node
+    assert any("in 2 rounds of 2" in m for m in logs)
+    assert rounds["keep_map"] == single["keep_map"]
+    for layer in Checkpoint(model).moe_layers:
+        a, b = read_stats(tmp_path / "single.run", layer), read_stats(tmp_path / "rounds.run", layer)
+        for f in STAT_FIELDS:
+            np.testing.assert_allclose(a.by_source[f], b.by_source[f], rtol=1e-9, atol=1e-12)

@@ -12,6 +12,7 @@ import torch
 
 from actors.coordinator import run, sample_mask
 from mop_ray.checkpoint.reader import Checkpoint
+from mop_ray.errors import MopError
 from mop_ray.observe.records import STAT_FIELDS, read_sample, read_stats
 
 from conftest import small_job
@@ -130,6 +131,25 @@ def test_one_and_three_stages_record_the_same(tiny_models, tmp_path, ray_local):
     for p in placement:  # each stage's load timeline, in seconds
         assert {"config_s", "read_s", "read_wait_s", "build_s", "total_s"} <= set(p["load"])
         assert p["load"]["total_s"] > 0 and p["load"]["total_s"] >= max(p["load"]["build_s"], p["load"]["config_s"])
+
+
+def test_stages_in_rounds_record_and_select_what_they_would_all_at_once(tiny_models, tmp_path, ray_local):
+    """Three stages one at a time (a model needing more GPUs than the cluster has): each round frees its stage and
+    the next takes the waves' hidden states from the object store; the records and the keep-map are those of the
+    three stages at once."""
+    model = tiny_models["deepseek_v3"]
+    logs = []
+    a = run(small_job(model, tmp_path / "a", stages=3, sample=100, method="mop"), log=lambda *_: None)
+    b = run(small_job(model, tmp_path / "b", stages=3, sample=100, method="mop", stages_at_once=1), log=logs.append)
+    assert a["keep_map"] == b["keep_map"]
+    assert_same_records(tmp_path / "a.run", tmp_path / "b.run", Checkpoint(model).moe_layers, rtol=1e-9, atol=1e-6, rows=100)
+    observe = json.loads((tmp_path / "b.run" / "manifest.json").read_text())["phases"]["observe"]
+    assert observe["rounds"] == 3 and [p["layers"] for p in observe["placement"]] == [[0], [1], [2]]
+    assert [m for m in logs if m.startswith("observe: round")] == [
+        f"observe: round {r} of 3: layers {r - 1}-{r - 1} on 1 stage(s)" for r in (1, 2, 3)]
+    assert any("in 3 rounds of 1" in m for m in logs)
+    with pytest.raises(MopError, match="--stages-at-once 0: expected at least 1"):
+        run(small_job(model, tmp_path / "c", stages=3, stages_at_once=0), log=lambda *_: None)
 
 
 def test_sample_mask_is_uniform_and_reproducible():
