@@ -346,7 +346,8 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
     recorded = recorded_layers(manifest)
     sources, ids, block_sources, mask = calibration_arrays(job, calib)
     starts = list(range(0, len(ids), job.micro_batch))
-    waves = plan_waves(len(starts), at_once, micro_batch_bytes(ckpt, job.micro_batch, job.seq_len, job.dtype), job.waves)
+    # waves as the whole plan's (what each stage's memory estimate counts), whatever the round's size
+    waves = plan_waves(len(starts), n_plan, micro_batch_bytes(ckpt, job.micro_batch, job.seq_len, job.dtype), job.waves)
     rounds = [slice(r, r + at_once) for r in range(0, n_plan, at_once)]
     layers = dict((manifest.done("observe") or {}).get("layers", {}))
     stages, where, carried = [], [], [None] * len(waves)  # carried[w]: wave w's hidden states after the last round
