@@ -34,7 +34,9 @@ def connect(address: str | None = None) -> None:
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(include_dashboard=False, log_to_driver=True)
+            # "local": a new instance, never the latest `ray start` cluster of this machine that a bare ray.init()
+            # would join (another user's or test's; --address auto joins it on purpose)
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
             _STARTED_HERE["local"] = True
     except ConnectionError as e:
         raise MopError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
