@@ -380,8 +380,8 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                     bar.update(n)
                 for res in ray.get([a.finish.remote(len(waves)) for a in live.actors]):  # raises a failed wave's error
                     layers.update({str(k): v for k, v in res.items()})
-                for w_, times in zip(round_where, ray.get([a.loaded.remote() for a in live.actors])):
-                    w_["load"] = {k: round(v, 3) for k, v in times.items()}
+                for placed, times in zip(round_where, ray.get([a.loaded.remote() for a in live.actors])):
+                    placed["load"] = {k: round(v, 3) for k, v in times.items()}
                 stages += [st.to_dict() for st in live.stages]
                 where += round_where
             except ray.exceptions.RayTaskError as e:
