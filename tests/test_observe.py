@@ -453,3 +453,25 @@ def test_a_stage_too_large_for_its_gpu_fails_before_reading_a_layer(tiny_models,
     worker._loader.join()
     assert worker.load_times["read_s"] == 0.0 and "prefetched_gb" not in worker.load_times  # no read, no read-ahead
     assert all(isinstance(f.exception(), MopError) for f in worker._built)
+
+
+def test_finish_refuses_to_write_records_after_a_failed_or_missing_wave(tiny_models, tmp_path, monkeypatch):
+    """``finish(expect_waves)`` (the rounds, which do not fetch their waves' results) raises a wave's own error, or
+    says how many waves went through, and writes no statistics."""
+    import actors.layer_shard as layer_shard
+    from actors.layer_shard import LayerShardWorker
+    from mop_ray.errors import MopError
+
+    model = tiny_models["mixtral"]
+    idle = LayerShardWorker(str(model), [0, 1], str(tmp_path / "idle"), ["code"], first_stage=True)
+    with pytest.raises(MopError, match="layers 0-1: 0 of 2 waves went through"):
+        idle.finish(expect_waves=2)
+
+    failed = LayerShardWorker(str(model), [0, 1], str(tmp_path / "failed"), ["code"], first_stage=True)
+    monkeypatch.setattr(layer_shard, "token_meta", lambda *a: (_ for _ in ()).throw(MopError("a bad micro-batch")))
+    with pytest.raises(MopError, match="a bad micro-batch"):
+        failed.forward(0, torch.zeros(1, 8, dtype=torch.long), {"source": np.zeros(1, int), "block": np.arange(1),
+                                                                "sample": np.zeros((1, 8), bool)})
+    with pytest.raises(MopError, match="a bad micro-batch"):
+        failed.finish(expect_waves=1)
+    assert not list((tmp_path / "failed").rglob("stats.parquet")) and not list((tmp_path / "idle").rglob("stats.parquet"))
