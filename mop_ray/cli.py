@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--run-dir", help="records, calib.parquet and manifest (default <out>.run)")
     pr.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
     pr.add_argument("--resume", action="store_true", default=None, help="skip phases the run dir's manifest has done")
-    pr.add_argument("--stages", type=int, help="pipeline stages (default: one per GPU, one when there is none)")
+    pr.add_argument("--stages", type=int, help="pipeline stages (default: one per GPU, one when there is none); more "
+                    "than the cluster's GPUs run in rounds (see --stages-at-once)")
     pr.add_argument("--stage-gpus", type=int, help="GPUs each stage reserves (default: 1 when the cluster has one GPU "
                     "per stage at start, else 0); 1 makes an autoscaling cluster start GPU nodes")
     pr.add_argument("--stages-at-once", type=int, help="stages that run at once; fewer than --stages runs them in "
