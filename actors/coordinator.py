@@ -131,6 +131,11 @@ def calibrate(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, lo
     return calib
 
 
+def plan_size(job: PruneJob, ckpt: Checkpoint) -> int:
+    """The stages of the job's plan: ``--stages``, else one per GPU of the cluster."""
+    return job.stages or default_stages(ckpt.num_layers)
+
+
 def stages_at_once(job: PruneJob, n_stages: int) -> int:
     """How many of the plan's stages run at once: ``job.stages_at_once``, else as many as the cluster has GPUs when
     it has some but fewer than stages (and --stage-gpus is not given), else all. Fewer than all: the stages run in
@@ -150,7 +155,7 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    n_stages = job.stages or default_stages(ckpt.num_layers)
+    n_stages = plan_size(job, ckpt)
     stages = plan_stages(ckpt, n_stages, micro_batch_tokens=job.micro_batch * job.seq_len,
                          wave_tokens=wave_tokens(ckpt, n_stages, tokens=job.tokens, seq_len=job.seq_len,
                                                  micro_batch=job.micro_batch, waves=job.waves, dtype=job.dtype))
@@ -194,7 +199,7 @@ def prestart_stages(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manife
     """The stages for observe, started before calibration so that their process start and weight loads overlap
     the tokenisation; None when every MoE layer is recorded already."""
     recorded = recorded_layers(manifest)
-    n_stages = job.stages or default_stages(ckpt.num_layers)
+    n_stages = plan_size(job, ckpt)
     if set(ckpt.moe_layers) <= recorded or stages_at_once(job, n_stages) < n_stages:
         return None  # nothing to record, or stages in rounds: each round starts its own
     return start_stages(job, ckpt, run, recorded, log)
@@ -248,7 +253,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
         if started is not None:
             started.close()
         return manifest.done("observe"), None
-    n_plan = job.stages or default_stages(ckpt.num_layers)
+    n_plan = plan_size(job, ckpt)
     at_once = stages_at_once(job, n_plan)
     if at_once < n_plan:
         return _observe_rounds(job, ckpt, calib, run, manifest, log, n_plan, at_once), None
@@ -275,8 +280,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
         mb_bytes = micro_batch_bytes(ckpt, job.micro_batch, job.seq_len, job.dtype)
         waves = plan_waves(len(starts), len(actors), mb_bytes, job.waves)
         for w, wave in enumerate(waves):
-            spans = [(starts[mb], min(starts[mb] + job.micro_batch, len(ids))) for mb in wave]
-            metas = [{"source": block_sources[a:b], "block": np.arange(a, b), "sample": mask[a:b]} for a, b in spans]
+            spans, metas = wave_inputs(job, wave, starts, block_sources, mask)
             ref = [torch.from_numpy(ids[a:b]) for a, b in spans]
             for j, actor in enumerate(actors):  # stage j+1 takes stage j's output (an object ref) directly
                 ref = actor.forward_wave.remote(wave, ref, metas, last=j == len(actors) - 1, final=w == len(waves) - 1)
@@ -300,10 +304,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
                     f"imports {times['config_s']:.1f}s; builds and copies {times['build_s']:.1f}s)")
         finished = True
     except ray.exceptions.RayTaskError as e:
-        cause = e.cause if getattr(e, "cause", None) is not None else e
-        if isinstance(cause, MopError):
-            raise cause from None
-        raise
+        raise_stage_error(e)
     except ray.exceptions.ActorDiedError as e:  # a stage failed in __init__ (e.g. a layer it cannot load)
         last = str(e).strip().splitlines()[-1]
         if last.startswith("mop_ray.errors.MopError: "):
@@ -332,6 +333,21 @@ def calibration_arrays(job: PruneJob, calib) -> tuple[list[str], np.ndarray, np.
     ids = np.asarray(calib["input_ids"], dtype=np.int64)  # [n_blocks, seq_len]
     block_sources = np.array([src_idx[s] for s in calib["source"]], dtype=np.int64)
     return sources, ids, block_sources, sample_mask(len(ids), ids.shape[1], job.sample, job.seed)
+
+
+def wave_inputs(job: PruneJob, wave: list[int], starts: list[int], block_sources: np.ndarray,
+                mask: np.ndarray) -> tuple[list[tuple[int, int]], list[dict]]:
+    """A wave's micro-batches as (first, end) block spans and the metadata each stage takes with them."""
+    spans = [(starts[mb], min(starts[mb] + job.micro_batch, len(mask))) for mb in wave]
+    return spans, [{"source": block_sources[a:b], "block": np.arange(a, b), "sample": mask[a:b]} for a, b in spans]
+
+
+def raise_stage_error(e: "ray.exceptions.RayTaskError"):
+    """Re-raise a stage method's error: its MopError as itself (one line for the user), anything else as it came."""
+    cause = e.cause if getattr(e, "cause", None) is not None else e
+    if isinstance(cause, MopError):
+        raise cause from None
+    raise e
 
 
 def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log, n_plan: int,
@@ -364,8 +380,7 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                     f"{live.stages[-1].layers[-1]} on {len(live.actors)} stage(s)")
                 pending = []
                 for w, wave in enumerate(waves):
-                    spans = [(starts[mb], min(starts[mb] + job.micro_batch, len(ids))) for mb in wave]
-                    metas = [{"source": block_sources[a:b], "block": np.arange(a, b), "sample": mask[a:b]} for a, b in spans]
+                    spans, metas = wave_inputs(job, wave, starts, block_sources, mask)
                     ref = [torch.from_numpy(ids[a:b]) for a, b in spans] if r == 0 else carried[w]
                     for j, actor in enumerate(live.actors):
                         ref = actor.forward_wave.remote(wave, ref, metas, last=final_round and j == len(live.actors) - 1,
@@ -385,10 +400,7 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                 stages += [st.to_dict() for st in live.stages]
                 where += round_where
             except ray.exceptions.RayTaskError as e:
-                cause = e.cause if getattr(e, "cause", None) is not None else e
-                if isinstance(cause, MopError):
-                    raise cause from None
-                raise
+                raise_stage_error(e)
             finally:
                 live.close()
     finally:
@@ -493,7 +505,7 @@ def run(job: PruneJob, log=print) -> dict:
         log(f"disk: {human_size(records)} of new records in {job.run_path}, {human_size(output)} of output")
     check_reachable(job.address)  # an --address nobody answers on fails now, before anything is written
     connect(job.address)
-    n_stages = job.stages or default_stages(ckpt.num_layers)
+    n_stages = plan_size(job, ckpt)
     need = (job.stage_gpus or 0) * stages_at_once(job, n_stages)  # the stages that run at once
     have = int(ray.cluster_resources().get("GPU", 0))
     if need and started_locally() and have < need:
