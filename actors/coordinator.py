@@ -227,13 +227,14 @@ class LiveStages:
 
 
 def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log,
-            started: LiveStages | None = None, on_selected=None) -> tuple[dict, LiveStages | None]:
+            started: LiveStages | None = None, on_selected=None) -> tuple[dict, LiveStages | None, dict]:
     """Stream the calibration blocks through the stages; a stage lost mid-way (actor crash, node loss) restarts
     the phase with fresh actors, up to ``job.max_attempts`` times. Records are written only when every
     micro-batch went through, so a replay never double-counts. -> (the phase's manifest state, the stages
-    still running when they ran, for selection; the caller closes them). ``started``: stages from
-    ``prestart_stages`` for the first attempt. ``on_selected(layer, kept)``: told of each layer the stages select
-    beside the waves, as soon as they have (``EarlyChoices``)."""
+    still running when they ran, for selection (the caller closes them), {layer: selection result} of the layers
+    stages in rounds selected before their round ended). ``started``: stages from ``prestart_stages`` for the
+    first attempt. ``on_selected(layer, kept)``: told of each layer the stages select, as soon as they have
+    (``EarlyChoices``; in rounds also at each round's end)."""
     for attempt in range(1, job.max_attempts + 1):
         try:
             return _observe_once(job, ckpt, calib, run, manifest, log, started if attempt == 1 else None, on_selected)
@@ -246,17 +247,17 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
 
 
 def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log,
-                  started: LiveStages | None, on_selected=None) -> tuple[dict, LiveStages | None]:
+                  started: LiveStages | None, on_selected=None) -> tuple[dict, LiveStages | None, dict]:
     recorded = recorded_layers(manifest)
     if set(ckpt.moe_layers) <= recorded:
         log("observe: all layers recorded, skipping")
         if started is not None:
             started.close()
-        return manifest.done("observe"), None
+        return manifest.done("observe"), None, {}
     n_plan = plan_size(job, ckpt)
     at_once = stages_at_once(job, n_plan)
     if at_once < n_plan:
-        return _observe_rounds(job, ckpt, calib, run, manifest, log, n_plan, at_once), None
+        return (*_observe_rounds(job, ckpt, calib, run, manifest, log, n_plan, at_once, on_selected),)
     sources, ids, block_sources, mask = calibration_arrays(job, calib)
     live = started if started is not None else start_stages(job, ckpt, run, recorded, log)
     stages, actors = live.stages, live.actors
@@ -267,14 +268,9 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
 
     bar = tqdm(total=ids.size, unit="tok", desc="observe", disable=not job.progress, unit_scale=True)
     try:
-        ahead = select_ahead(job, ckpt)
         # surfaces a stage that failed to start (a layer it cannot load surfaces from its loader thread in the
         # first wave, as a MopError)
-        ray.get([a.begin.remote(sources, None if ahead is None else ([c for c in ahead[0] if c.layer in st.layers], *ahead[1:]))
-                 for st, a in zip(stages, actors)])
-        if ahead is not None and on_selected is not None:
-            moe = set(ckpt.moe_layers)
-            live.early = EarlyChoices(actors, [[i for i in st.layers if i in moe] for st in stages], on_selected, log)
+        begin_stages(job, ckpt, live, sources, on_selected, log)
         where = ray.get([a.where.remote() for a in actors])
         starts = list(range(0, len(ids), job.micro_batch))
         mb_bytes = micro_batch_bytes(ckpt, job.micro_batch, job.seq_len, job.dtype)
@@ -322,7 +318,42 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
              "tokens": int(ids.size), "seconds": round(seconds, 2), "tokens_per_s": round(ids.size / max(seconds, 1e-9), 1)}
     manifest.mark("observe", state)
     log(f"observe: {ids.size} tokens through {len(stages)} stage(s) in {seconds:.1f}s ({ids.size / seconds:.0f} tok/s)")
-    return state, live
+    return state, live, {}
+
+
+def begin_stages(job: PruneJob, ckpt: Checkpoint, live: LiveStages, sources: list[str], on_selected, log) -> None:
+    """Start the stages recording; with ``job.select_early`` each also selects its MoE layers as the final wave
+    passes them, and ``on_selected`` hears of each (``EarlyChoices``)."""
+    ahead = select_ahead(job, ckpt)
+    ray.get([a.begin.remote(sources, None if ahead is None else ([c for c in ahead[0] if c.layer in st.layers], *ahead[1:]))
+             for st, a in zip(live.stages, live.actors)])
+    if ahead is not None and on_selected is not None:
+        moe = set(ckpt.moe_layers)
+        live.early = EarlyChoices(live.actors, [[i for i in st.layers if i in moe] for st in live.stages], on_selected, log)
+
+
+def select_in_round(job: PruneJob, ckpt: Checkpoint, live: LiveStages, on_selected, log) -> dict:
+    """The round's stages select their MoE layers before they go (those selected beside the waves return at
+    once): the weights are in their memory, where selection tasks after observe would read every layer again.
+    -> {layer: result}; a stage lost here leaves its layers to the select phase's tasks."""
+    params, moe = select_params(job), set(ckpt.moe_layers)
+    refs = [(st, a.select.remote([layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype)
+                                  for i in st.layers if i in moe], job.method, job.keep))
+            for st, a in zip(live.stages, live.actors)]
+    chosen = {}
+    for st, ref in refs:
+        try:
+            chosen.update({res[0]: res for res in ray.get(ref)})
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
+            log(f"select: the stage holding layers {st.layers[0]}-{st.layers[-1]} was lost after its round "
+                f"({type(e).__name__}); its layers are selected in tasks")
+    if on_selected is not None:  # deferred layers too (offering a layer twice starts nothing twice)
+        for layer, res in chosen.items():
+            try:
+                on_selected(layer, res[1])
+            except Exception as e:  # noqa: BLE001 - the write phase writes whatever did not start here
+                log(f"write: could not start writing ahead after layer {layer} ({type(e).__name__}: {e})")
+    return chosen
 
 
 def calibration_arrays(job: PruneJob, calib) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -351,12 +382,12 @@ def raise_stage_error(e: "ray.exceptions.RayTaskError"):
 
 
 def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log, n_plan: int,
-                    at_once: int) -> dict:
+                    at_once: int, on_selected=None) -> tuple[dict, None, dict]:
     """Observe with the plan's stages in rounds of ``at_once`` (a model whose layers need more GPUs than the
-    cluster has): each round's stages take every wave as the stages of one pipeline do, then write their records
-    and go, freeing their GPUs for the next round, which takes the waves' hidden states where the last one left
-    them (Ray's object store: tokens x hidden, e.g. 3.8 GB for 262,144 tokens of DeepSeek-V3 in bf16). No stage
-    outlives its round, so selection runs in tasks after observe."""
+    cluster has): each round's stages take every wave as the stages of one pipeline do, write their records,
+    select their layers (``select_in_round``) and go, freeing their GPUs for the next round, which takes the
+    waves' hidden states where the last one left them (Ray's object store: tokens x hidden, e.g. 3.8 GB for
+    262,144 tokens of DeepSeek-V3 in bf16). -> (state, None, {layer: selection result})."""
     import torch
 
     recorded = recorded_layers(manifest)
@@ -367,6 +398,7 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
     rounds = [slice(r, r + at_once) for r in range(0, n_plan, at_once)]
     layers = dict((manifest.done("observe") or {}).get("layers", {}))
     stages, where, carried = [], [], [None] * len(waves)  # carried[w]: wave w's hidden states after the last round
+    chosen = {}  # layer -> selection result, from each round's stages
     t0 = time.time()
     bar = tqdm(total=ids.size * len(rounds), unit="tok", desc="observe", disable=not job.progress, unit_scale=True)
     try:
@@ -374,7 +406,7 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
             final_round = r == len(rounds) - 1
             live = start_stages(job, ckpt, run, recorded, log, which=which)
             try:
-                ray.get([a.begin.remote(sources, None) for a in live.actors])
+                begin_stages(job, ckpt, live, sources, on_selected, log)
                 round_where = ray.get([a.where.remote() for a in live.actors])
                 log(f"observe: round {r + 1} of {len(rounds)}: layers {live.stages[0].layers[0]}-"
                     f"{live.stages[-1].layers[-1]} on {len(live.actors)} stage(s)")
@@ -397,6 +429,7 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                     layers.update({str(k): v for k, v in res.items()})
                 for placed, times in zip(round_where, ray.get([a.loaded.remote() for a in live.actors])):
                     placed["load"] = {k: round(v, 3) for k, v in times.items()}
+                chosen.update(select_in_round(job, ckpt, live, on_selected, log))
                 stages += [st.to_dict() for st in live.stages]
                 where += round_where
             except ray.exceptions.RayTaskError as e:
@@ -411,7 +444,7 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
     manifest.mark("observe", state)
     log(f"observe: {ids.size} tokens through {n_plan} stage(s) in {len(rounds)} rounds of {at_once} in {seconds:.1f}s "
         f"({ids.size / seconds:.0f} tok/s)")
-    return state
+    return state, None, chosen
 
 
 def select_params(job: PruneJob) -> dict:
@@ -429,11 +462,12 @@ def select_ahead(job: PruneJob, ckpt: Checkpoint) -> tuple | None:
 
 
 def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log,
-                 live: LiveStages | None = None) -> tuple[dict, dict, dict]:
+                 live: LiveStages | None = None, chosen: dict | None = None) -> tuple[dict, dict, dict]:
     """Every MoE layer's kept ids, chosen inside the ``live`` stage actors where they ran (the layers' weights in
-    memory, no second read; for record-only methods no process to start and no imports to pay per layer); else
-    (records from an earlier run) or when a stage is lost, one Ray task per layer (GPU when the method uses
-    weights and the cluster has GPUs) loads what it needs."""
+    memory, no second read; for record-only methods no process to start and no imports to pay per layer), or
+    taken from ``chosen`` ({layer: result} that stages in rounds selected); else (records from an earlier run)
+    or when a stage is lost, one Ray task per layer (GPU when the method uses weights and the cluster has GPUs)
+    loads what it needs."""
     done = manifest.done("select") or {}
     if done.get("method") == job.method and done.get("keep") == job.keep and set(map(int, done.get("keep_map", {}))) == set(ckpt.moe_layers):
         log("select: reusing the keep-map in the manifest")
@@ -443,19 +477,24 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
     method = get_method(job.method)
     gpu = method.needs_weights and int(ray.cluster_resources().get("GPU", 0)) > 0
     opts = {"num_cpus": 0.5, "num_gpus": 1 if gpu else 0}
-    results, where = None, "tasks"
+    chosen = dict(chosen or {})
+    in_stages = len(chosen)
     if live is not None:
         moe = set(ckpt.moe_layers)
         refs = [actor.select.remote([layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype) for i in st.layers if i in moe],
                                     job.method, job.keep) for st, actor in zip(live.stages, live.actors)]
         try:
-            results, where = [res for part in ray.get(refs) for res in part], "stages"
+            chosen.update({res[0]: res for part in ray.get(refs) for res in part})
+            in_stages = len(chosen)
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
             log(f"select: a stage was lost ({type(e).__name__}); selecting in tasks instead")
-    if results is None:
+    todo = [i for i in ckpt.moe_layers if i not in chosen]
+    if todo:
         refs = [select_layer_task.options(**opts).remote(str(run), layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype),
-                                                         job.method, job.keep) for i in ckpt.moe_layers]
-        results = list(tqdm(ray.get(refs), desc="select", disable=not job.progress))
+                                                         job.method, job.keep) for i in todo]
+        chosen.update({res[0]: res for res in tqdm(ray.get(refs), desc="select", disable=not job.progress)})
+    where = "stages" if not todo else "tasks" if not in_stages else f"stages ({in_stages} layers) and tasks ({len(todo)})"
+    results = [chosen[i] for i in ckpt.moe_layers]
     if method.combine is not None:  # a cross-layer stage (C-Prune global) picks the final ids of every layer
         results = ray.get(combine_layers_task.options(**opts).remote(str(ckpt.path), job.method, results, job.keep, params))
     keep, scores, details = {}, {}, {}
@@ -520,22 +559,23 @@ def run(job: PruneJob, log=print) -> dict:
     manifest = Manifest(run_dir / "manifest.json", plan_hash(job, ckpt), job.resume, str(ckpt.path.absolute()))
     fault_env = {"env_vars": job.extra["fault_env"]} if job.extra.get("fault_env") else None
     timings = {}
-    live = ahead = None
+    live = ahead = chosen = None
     try:
         try:
             if method.needs_records:
                 t = time.time()
                 live = prestart_stages(job, ckpt, run_dir, manifest, log)  # they load while calibration tokenises
-                if live is not None and job.select_early and job.write_early and method.combine is None:
+                rounds = stages_at_once(job, n_stages) < n_stages and not set(ckpt.moe_layers) <= recorded_layers(manifest)
+                if (live is not None or rounds) and job.select_early and job.write_early and method.combine is None:
                     ahead = shards_ahead(ckpt, Path(job.out).absolute(), run_dir, job.keep, job.max_shard_size, fault_env, log)
                 calib = calibrate(job, ckpt, run_dir, manifest, log)
                 timings["calibrate_s"] = round(time.time() - t, 2)
                 t = time.time()
-                _, live = observe(job, ckpt, calib, run_dir, manifest, log, started=live,
-                                  on_selected=ahead.offer if ahead is not None else None)
+                _, live, chosen = observe(job, ckpt, calib, run_dir, manifest, log, started=live,
+                                          on_selected=ahead.offer if ahead is not None else None)
                 timings["observe_s"] = round(time.time() - t, 2)
             t = time.time()
-            keep, scores, details = select_phase(job, ckpt, run_dir, manifest, log, live)
+            keep, scores, details = select_phase(job, ckpt, run_dir, manifest, log, live, chosen)
             timings["select_s"] = round(time.time() - t, 2)
         finally:
             if live is not None:

@@ -136,7 +136,8 @@ def test_one_and_three_stages_record_the_same(tiny_models, tmp_path, ray_local):
 def test_stages_in_rounds_record_and_select_what_they_would_all_at_once(tiny_models, tmp_path, ray_local):
     """Three stages one at a time (a model needing more GPUs than the cluster has): each round frees its stage and
     the next takes the waves' hidden states from the object store; the records and the keep-map are those of the
-    three stages at once."""
+    three stages at once, every layer selected in its stage before its round ended (no task reads a layer again)
+    and every output shard started before the write phase."""
     model = tiny_models["deepseek_v3"]
     logs = []
     a = run(small_job(model, tmp_path / "a", stages=3, sample=100, method="mop"), log=lambda *_: None)
@@ -148,6 +149,10 @@ def test_stages_in_rounds_record_and_select_what_they_would_all_at_once(tiny_mod
     assert [m for m in logs if m.startswith("observe: round")] == [
         f"observe: round {r} of 3: layers {r - 1}-{r - 1} on 1 stage(s)" for r in (1, 2, 3)]
     assert any("in 3 rounds of 1" in m for m in logs)
+    phases = json.loads((tmp_path / "b.run" / "manifest.json").read_text())["phases"]
+    assert phases["select"]["in"] == "stages" and phases["select"]["scores"] == json.loads(
+        (tmp_path / "a.run" / "manifest.json").read_text())["phases"]["select"]["scores"]
+    assert phases["write"]["written_ahead"] == list(range(phases["write"]["shards"]))  # all before the write phase
     with pytest.raises(MopError, match="--stages-at-once 0: expected at least 1"):
         run(small_job(model, tmp_path / "c", stages=3, stages_at_once=0), log=lambda *_: None)
 
