@@ -20,6 +20,9 @@
 #                                                 # the GPU, cold and from the page cache (read_to_device.py, 2 layers)
 #   bash benchmarks/gpu_issue7.sh ram [COUNTS]    # host RAM at several layer counts (default 2 4): the Mixtral shape,
 #                                                 # 16,384 tokens, sample 8,192; the peak by process
+#   bash benchmarks/gpu_issue7.sh imports         # a stage's imports with and without a side thread importing
+#                                                 # transformers' torch-free dependencies (import_overlap.py)
+#   bash benchmarks/gpu_issue7.sh rounds          # the mixtral job with 2 stages on one GPU: 2 rounds of 4 layers
 #   bash benchmarks/gpu_issue7.sh tests           # the tests that need a GPU
 #   bash benchmarks/gpu_issue7.sh startup         # the machine's bytecode state (mop_ray.bytecode), the imports of a
 #                                                 # driver and a stage with and without the cache, then the mixtral
@@ -30,10 +33,11 @@
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | ab BASE [ROUNDS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | tests | startup}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | ab BASE [ROUNDS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | imports [ROUNDS] | rounds | tests | startup}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
+# SPEED_ARGS: more speed.py options for the mixtral and ab steps' jobs, e.g. --select-after-observe
 CORPUS=$(cd "${CORPUS:-../shared/data/corpus}" && pwd)
 mkdir -p "$OUT" "$D"
 
@@ -53,7 +57,7 @@ model() {  # $D/mx${1:-8}: the Mixtral-8x7B-shaped checkpoint with $1 layers, de
 mixtral_job() {  # $1: the tree whose mop_ray runs it, $2: the output name's tag: the Mixtral job, 8 layers, mop 8 -> 4
   (cd "$1" && PYTHONPATH="$1:${PYTHONPATH:-}" python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" \
     --method mop --keep 4 --tokens 262144 --seq-len 2048 --sample 65536 --out-json "$OUT/speed-mixtral-8l$2.json" \
-    > "$OUT/speed-mixtral-8l$2.md" 2>&1)
+    ${SPEED_ARGS:-} > "$OUT/speed-mixtral-8l$2.md" 2>&1)
   grep -E "\| (total|observe|write) \||^First wave|^Whole job|^Critical path" "$OUT/speed-mixtral-8l$2.md" ||
     tail -20 "$OUT/speed-mixtral-8l$2.md"
 }
@@ -125,6 +129,16 @@ print(sys.argv[1].rsplit("/", 1)[-1], "total rss/pss", gb(r["host_memory"]["peak
 PY
       rm -rf "$D/mx$n.speed"
     done ;;
+  imports)
+    python benchmarks/import_overlap.py --rounds "${2:-3}" --pycache "$D/pycache" --out-json "$OUT/imports$TAG.json" \
+      2>&1 | tee "$OUT/imports$TAG.txt" | tail -4 ;;
+  rounds)
+    mixture; model
+    python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
+      --seq-len 2048 --sample 65536 --gpus 2 --out-json "$OUT/speed-mixtral-8l-rounds$TAG.json" \
+      > "$OUT/speed-mixtral-8l-rounds$TAG.md" 2>&1
+    grep -E "\| (total|observe|select|write) \||^Whole job|^Critical path|rounds?" "$OUT/speed-mixtral-8l-rounds$TAG.md" |
+      head -20 || tail -20 "$OUT/speed-mixtral-8l-rounds$TAG.md" ;;
   tests)
     # the GPU-only tests (staged copies, CUDA graphs) and those whose numbers differ on a GPU (recorded products,
     # FP8 dequantized on the device, bf16 rows, selection beside the waves)
