@@ -48,7 +48,8 @@ def test_stage_and_writer_crashes_are_survived(tiny_models, tmp_path, ray_local)
 def test_a_stage_lost_in_a_middle_round_restarts_observe(tiny_models, tmp_path, ray_local):
     """Stages in rounds (one at a time): the stage of the middle round dies at micro-batch 3, whose waves' results the
     coordinator does not fetch (they stay in the object store for the next round); its ``finish`` surfaces the loss,
-    observe restarts, and the records and output equal an undisturbed run's."""
+    observe restarts, and the records and output equal an undisturbed run's. A stage that dies selecting at its
+    round's end (after its waves) leaves its layer to a task while the next rounds go on: the same output."""
     model = tiny_models["deepseek_v3"]
     kw = dict(stages=3, stages_at_once=1, tokens=16 * 32, micro_batch=2, max_shard_size="100KB")
     calm = run(small_job(model, tmp_path / "calm", **kw), log=lambda *_: None)
@@ -59,6 +60,18 @@ def test_a_stage_lost_in_a_middle_round_restarts_observe(tiny_models, tmp_path, 
     assert hit["keep_map"] == calm["keep_map"]
     assert_same_stats(tmp_path / "calm.run", tmp_path / "hit.run", model, tokens=512)
     assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "hit")
+
+    logs = []
+    env = {"MOP_RAY_FAULT_EXIT": f"1:select:{tmp_path / 'select.marker'}"}  # round 2's stage, selecting layer 1
+    late = run(small_job(model, tmp_path / "late", extra={"fault_env": env}, select_early=False, **kw), log=logs.append)
+    assert (tmp_path / "select.marker").exists()
+    assert any("holding layers 1-1 was lost after its round" in line for line in logs), logs
+    assert not any("restarting the phase" in line for line in logs)
+    moe = Checkpoint(model).moe_layers
+    select = json.loads((tmp_path / "late.run" / "manifest.json").read_text())["phases"]["select"]
+    assert select["in"] == f"stages ({len(moe) - 1} layers) and tasks (1)"
+    assert late["keep_map"] == calm["keep_map"]
+    assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "late")
 
 
 def test_a_stage_lost_while_selecting_after_or_beside_observe(tiny_models, tmp_path, ray_local):
