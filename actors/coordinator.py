@@ -196,13 +196,14 @@ def recorded_layers(manifest: Manifest) -> set[int]:
 
 
 def prestart_stages(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log) -> "LiveStages | None":
-    """The stages for observe, started before calibration so that their process start and weight loads overlap
-    the tokenisation; None when every MoE layer is recorded already."""
+    """The stages for observe (the first round's, in rounds), started before calibration so that their process
+    start and weight loads overlap the tokenisation; None when every MoE layer is recorded already."""
     recorded = recorded_layers(manifest)
+    if set(ckpt.moe_layers) <= recorded:
+        return None
     n_stages = plan_size(job, ckpt)
-    if set(ckpt.moe_layers) <= recorded or stages_at_once(job, n_stages) < n_stages:
-        return None  # nothing to record, or stages in rounds: each round starts its own
-    return start_stages(job, ckpt, run, recorded, log)
+    at_once = stages_at_once(job, n_stages)
+    return start_stages(job, ckpt, run, recorded, log, which=slice(0, at_once) if at_once < n_stages else None)
 
 
 @dataclass
@@ -257,7 +258,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
     n_plan = plan_size(job, ckpt)
     at_once = stages_at_once(job, n_plan)
     if at_once < n_plan:
-        return (*_observe_rounds(job, ckpt, calib, run, manifest, log, n_plan, at_once, on_selected),)
+        return _observe_rounds(job, ckpt, calib, run, manifest, log, n_plan, at_once, on_selected, started)
     sources, ids, block_sources, mask = calibration_arrays(job, calib)
     live = started if started is not None else start_stages(job, ckpt, run, recorded, log)
     stages, actors = live.stages, live.actors
@@ -382,12 +383,13 @@ def raise_stage_error(e: "ray.exceptions.RayTaskError"):
 
 
 def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log, n_plan: int,
-                    at_once: int, on_selected=None) -> tuple[dict, None, dict]:
+                    at_once: int, on_selected=None, started: LiveStages | None = None) -> tuple[dict, None, dict]:
     """Observe with the plan's stages in rounds of ``at_once`` (a model whose layers need more GPUs than the
     cluster has): each round's stages take every wave as the stages of one pipeline do, write their records,
     select their layers (``select_in_round``) and go, freeing their GPUs for the next round, which takes the
     waves' hidden states where the last one left them (Ray's object store: tokens x hidden, e.g. 3.8 GB for
-    262,144 tokens of DeepSeek-V3 in bf16). -> (state, None, {layer: selection result})."""
+    262,144 tokens of DeepSeek-V3 in bf16). ``started``: the first round's stages, from ``prestart_stages``.
+    -> (state, None, {layer: selection result})."""
     import torch
 
     recorded = recorded_layers(manifest)
@@ -404,7 +406,7 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
     try:
         for r, which in enumerate(rounds):
             final_round = r == len(rounds) - 1
-            live = start_stages(job, ckpt, run, recorded, log, which=which)
+            live = started if r == 0 and started is not None else start_stages(job, ckpt, run, recorded, log, which=which)
             try:
                 begin_stages(job, ckpt, live, sources, on_selected, log)
                 round_where = ray.get([a.where.remote() for a in live.actors])
@@ -565,8 +567,7 @@ def run(job: PruneJob, log=print) -> dict:
             if method.needs_records:
                 t = time.time()
                 live = prestart_stages(job, ckpt, run_dir, manifest, log)  # they load while calibration tokenises
-                rounds = stages_at_once(job, n_stages) < n_stages and not set(ckpt.moe_layers) <= recorded_layers(manifest)
-                if (live is not None or rounds) and job.select_early and job.write_early and method.combine is None:
+                if live is not None and job.select_early and job.write_early and method.combine is None:
                     ahead = shards_ahead(ckpt, Path(job.out).absolute(), run_dir, job.keep, job.max_shard_size, fault_env, log)
                 calib = calibrate(job, ckpt, run_dir, manifest, log)
                 timings["calibrate_s"] = round(time.time() - t, 2)

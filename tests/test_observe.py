@@ -135,9 +135,10 @@ def test_one_and_three_stages_record_the_same(tiny_models, tmp_path, ray_local):
 
 def test_stages_in_rounds_record_and_select_what_they_would_all_at_once(tiny_models, tmp_path, ray_local):
     """Three stages one at a time (a model needing more GPUs than the cluster has): each round frees its stage and
-    the next takes the waves' hidden states from the object store; the records and the keep-map are those of the
-    three stages at once, every layer selected in its stage before its round ended (no task reads a layer again)
-    and every output shard started before the write phase."""
+    the next takes the waves' hidden states from the object store (the first round's stage starts before the
+    calibration is tokenised); the records and the keep-map are those of the three stages at once, every layer
+    selected in its stage before its round ended (no task reads a layer again) and every output shard started
+    before the write phase."""
     model = tiny_models["deepseek_v3"]
     logs = []
     a = run(small_job(model, tmp_path / "a", stages=3, sample=100, method="mop"), log=lambda *_: None)
@@ -149,6 +150,8 @@ def test_stages_in_rounds_record_and_select_what_they_would_all_at_once(tiny_mod
     assert [m for m in logs if m.startswith("observe: round")] == [
         f"observe: round {r} of 3: layers {r - 1}-{r - 1} on 1 stage(s)" for r in (1, 2, 3)]
     assert any("in 3 rounds of 1" in m for m in logs)
+    plan = next(k for k, m in enumerate(logs) if m.startswith("3 stage(s) for"))
+    assert plan < next(k for k, m in enumerate(logs) if m.startswith("calibrate:"))  # round 1 loads meanwhile
     phases = json.loads((tmp_path / "b.run" / "manifest.json").read_text())["phases"]
     assert phases["select"]["in"] == "stages" and phases["select"]["scores"] == json.loads(
         (tmp_path / "a.run" / "manifest.json").read_text())["phases"]["select"]["scores"]
