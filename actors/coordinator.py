@@ -156,8 +156,9 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     n_stages = plan_size(job, ckpt)
+    # the waves are those of the stages that run at once (a round's, in rounds)
     stages = plan_stages(ckpt, n_stages, micro_batch_tokens=job.micro_batch * job.seq_len,
-                         wave_tokens=wave_tokens(ckpt, n_stages, tokens=job.tokens, seq_len=job.seq_len,
+                         wave_tokens=wave_tokens(ckpt, stages_at_once(job, n_stages), tokens=job.tokens, seq_len=job.seq_len,
                                                  micro_batch=job.micro_batch, waves=job.waves, dtype=job.dtype))
     if which is None or which.start == 0:
         log(describe(stages, ckpt))
@@ -395,8 +396,9 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
     recorded = recorded_layers(manifest)
     sources, ids, block_sources, mask = calibration_arrays(job, calib)
     starts = list(range(0, len(ids), job.micro_batch))
-    # waves as the whole plan's (what each stage's memory estimate counts), whatever the round's size
-    waves = plan_waves(len(starts), n_plan, micro_batch_bytes(ckpt, job.micro_batch, job.seq_len, job.dtype), job.waves)
+    # waves for a round's pipeline (one for rounds of one stage: its loading overlaps all its compute), the same
+    # in every round, as each stage's memory estimate counts them (``start_stages``)
+    waves = plan_waves(len(starts), at_once, micro_batch_bytes(ckpt, job.micro_batch, job.seq_len, job.dtype), job.waves)
     rounds = [slice(r, r + at_once) for r in range(0, n_plan, at_once)]
     layers = dict((manifest.done("observe") or {}).get("layers", {}))
     stages, where, carried = [], [], [None] * len(waves)  # carried[w]: wave w's hidden states after the last round
