@@ -338,9 +338,7 @@ def select_in_round(job: PruneJob, ckpt: Checkpoint, live: LiveStages, on_select
     """The round's stages select their MoE layers before they go (those selected beside the waves return at
     once): the weights are in their memory, where selection tasks after observe would read every layer again.
     -> {layer: result}; a stage lost here leaves its layers to the select phase's tasks."""
-    params, moe = select_params(job), set(ckpt.moe_layers)
-    refs = [(st, a.select.remote([layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype)
-                                  for i in st.layers if i in moe], job.method, job.keep))
+    refs = [(st, a.select.remote(selection_contexts(job, ckpt, st.layers), job.method, job.keep))
             for st, a in zip(live.stages, live.actors)]
     chosen = {}
     for st, ref in refs:
@@ -456,13 +454,18 @@ def select_params(job: PruneJob) -> dict:
             **({"general": job.general} if job.general is not None else {})}
 
 
+def selection_contexts(job: PruneJob, ckpt: Checkpoint, layers) -> list:
+    """The selection contexts (``layer_context``) of the MoE layers among ``layers``, in their order."""
+    params, moe = select_params(job), set(ckpt.moe_layers)
+    return [layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype) for i in layers if i in moe]
+
+
 def select_ahead(job: PruneJob, ckpt: Checkpoint) -> tuple | None:
     """(contexts, method, r) for the stages to select each MoE layer as soon as the final wave has passed it,
     beside the next layers' observation; None when they should not (``job.select_early``)."""
     if not job.select_early:
         return None
-    params = select_params(job)
-    return [layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype) for i in ckpt.moe_layers], job.method, job.keep
+    return selection_contexts(job, ckpt, ckpt.moe_layers), job.method, job.keep
 
 
 def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest, log,
@@ -484,9 +487,8 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
     chosen = dict(chosen or {})
     in_stages = len(chosen)
     if live is not None:
-        moe = set(ckpt.moe_layers)
-        refs = [actor.select.remote([layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype) for i in st.layers if i in moe],
-                                    job.method, job.keep) for st, actor in zip(live.stages, live.actors)]
+        refs = [actor.select.remote(selection_contexts(job, ckpt, st.layers), job.method, job.keep)
+                for st, actor in zip(live.stages, live.actors)]
         try:
             chosen.update({res[0]: res for part in ray.get(refs) for res in part})
             in_stages = len(chosen)
@@ -494,8 +496,8 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
             log(f"select: a stage was lost ({type(e).__name__}); selecting in tasks instead")
     todo = [i for i in ckpt.moe_layers if i not in chosen]
     if todo:
-        refs = [select_layer_task.options(**opts).remote(str(run), layer_context(ckpt, i, job.seed, params=params, dtype=job.dtype),
-                                                         job.method, job.keep) for i in todo]
+        refs = [select_layer_task.options(**opts).remote(str(run), ctx, job.method, job.keep)
+                for ctx in selection_contexts(job, ckpt, todo)]
         chosen.update({res[0]: res for res in tqdm(ray.get(refs), desc="select", disable=not job.progress)})
     where = "stages" if not todo else "tasks" if not in_stages else f"stages ({in_stages} layers) and tasks ({len(todo)})"
     results = [chosen[i] for i in ckpt.moe_layers]
