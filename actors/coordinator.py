@@ -499,7 +499,8 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
         refs = [select_layer_task.options(**opts).remote(str(run), ctx, job.method, job.keep)
                 for ctx in selection_contexts(job, ckpt, todo)]
         chosen.update({res[0]: res for res in tqdm(ray.get(refs), desc="select", disable=not job.progress)})
-    where = "stages" if not todo else "tasks" if not in_stages else f"stages ({in_stages} layers) and tasks ({len(todo)})"
+    where = ("stages" if not todo else "tasks" if not in_stages
+             else f"stages and tasks ({in_stages} of {len(ckpt.moe_layers)} layers in the stages)")
     results = [chosen[i] for i in ckpt.moe_layers]
     if method.combine is not None:  # a cross-layer stage (C-Prune global) picks the final ids of every layer
         results = ray.get(combine_layers_task.options(**opts).remote(str(ckpt.path), job.method, results, job.keep, params))

@@ -69,7 +69,7 @@ def test_a_stage_lost_in_a_middle_round_restarts_observe(tiny_models, tmp_path, 
     assert not any("restarting the phase" in line for line in logs)
     moe = Checkpoint(model).moe_layers
     select = json.loads((tmp_path / "late.run" / "manifest.json").read_text())["phases"]["select"]
-    assert select["in"] == f"stages ({len(moe) - 1} layers) and tasks (1)"
+    assert select["in"] == f"stages and tasks ({len(moe) - 1} of {len(moe)} layers in the stages)"
     assert late["keep_map"] == calm["keep_map"]
     assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "late")
 
