@@ -22,7 +22,8 @@
 #                                                 # 16,384 tokens, sample 8,192; the peak by process
 #   bash benchmarks/gpu_issue7.sh imports         # a stage's imports with and without a side thread importing
 #                                                 # transformers' torch-free dependencies (import_overlap.py)
-#   bash benchmarks/gpu_issue7.sh rounds          # the mixtral job with 2 stages on one GPU: 2 rounds of 4 layers
+#   bash benchmarks/gpu_issue7.sh rounds [LAYERS] # the mixtral job (LAYERS layers, default 8) with 2 stages on one
+#                                                 # GPU: 2 rounds
 #   bash benchmarks/gpu_issue7.sh tests           # the tests that need a GPU
 #   bash benchmarks/gpu_issue7.sh startup         # the machine's bytecode state (mop_ray.bytecode), the imports of a
 #                                                 # driver and a stage with and without the cache, then the mixtral
@@ -33,7 +34,7 @@
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | ab BASE [ROUNDS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | imports [ROUNDS] | rounds | tests | startup}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | ab BASE [ROUNDS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | imports [ROUNDS] | rounds [LAYERS] | tests | startup}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
@@ -132,13 +133,13 @@ PY
   imports)
     python benchmarks/import_overlap.py --rounds "${2:-3}" --pycache "$D/pycache" --out-json "$OUT/imports$TAG.json" \
       2>&1 | tee "$OUT/imports$TAG.txt" | tail -4 ;;
-  rounds)
-    mixture; model
-    python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
-      --seq-len 2048 --sample 65536 --gpus 2 --out-json "$OUT/speed-mixtral-8l-rounds$TAG.json" \
-      > "$OUT/speed-mixtral-8l-rounds$TAG.md" 2>&1
-    grep -E "\| (total|observe|select|write) \||^Whole job|^Critical path|rounds?" "$OUT/speed-mixtral-8l-rounds$TAG.md" |
-      head -20 || tail -20 "$OUT/speed-mixtral-8l-rounds$TAG.md" ;;
+  rounds)  # [LAYERS] (default 8)
+    n=${2:-8}; mixture; model "$n"
+    python benchmarks/speed.py --model "$D/mx$n" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
+      --seq-len 2048 --sample 65536 --gpus 2 --out-json "$OUT/speed-mixtral-${n}l-rounds$TAG.json" \
+      > "$OUT/speed-mixtral-${n}l-rounds$TAG.md" 2>&1
+    grep -E "\| (total|observe|select|write) \||^Whole job|^Critical path|rounds?" "$OUT/speed-mixtral-${n}l-rounds$TAG.md" |
+      head -20 || tail -20 "$OUT/speed-mixtral-${n}l-rounds$TAG.md" ;;
   tests)
     # the GPU-only tests (staged copies, CUDA graphs) and those whose numbers differ on a GPU (recorded products,
     # FP8 dequantized on the device, bf16 rows, selection beside the waves)
