@@ -689,7 +689,8 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
         f"(resident {fmt(cache['resident_before'], 3)} -> {fmt(cache['resident_after'], 3)})")
     job = PruneJob(model=str(ckpt.path), out=str(out), method=args.method, keep=args.keep, general=args.general,
                    calib=args.calib, tokens=args.tokens, seq_len=args.seq_len, sample=args.sample, seed=args.seed,
-                   run_dir=str(run_dir), stages=stages, micro_batch=args.micro_batch, waves=args.waves, max_shard_size=args.max_shard_size,
+                   run_dir=str(run_dir), stages=stages, stages_at_once=args.stages_at_once,
+                   micro_batch=args.micro_batch, waves=args.waves, max_shard_size=args.max_shard_size,
                    dtype=args.dtype, overwrite=True, progress=args.progress, select_early=not args.select_after_observe,
                    write_early=not args.write_after_select)
     host, gpu = HostMemory(args.poll), GpuMemory(args.poll)
@@ -900,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-shard-size", default="5GB")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1],
                     help="run the job once per value with that many pipeline stages (one per GPU; on CPU, CPU stages)")
+    ap.add_argument("--stages-at-once", type=int,
+                    help="the job's --stages-at-once: fewer than --gpus' stages run in rounds (default: the job's)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--address", help="an existing Ray cluster (default: a local Ray, loopback only)")
     ap.add_argument("--work", help="where pruned outputs and run dirs go (default: <model>.speed)")
