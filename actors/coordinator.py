@@ -406,38 +406,48 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
     try:
         for r, which in enumerate(rounds):
             final_round = r == len(rounds) - 1
-            live = started if r == 0 and started is not None else start_stages(job, ckpt, run, recorded, log, which=which)
-            try:
-                begin_stages(job, ckpt, live, sources, on_selected, log)
-                round_where = ray.get([a.where.remote() for a in live.actors])
-                log(f"observe: round {r + 1} of {len(rounds)}: layers {live.stages[0].layers[0]}-"
-                    f"{live.stages[-1].layers[-1]} on {len(live.actors)} stage(s)")
-                pending = []
-                for w, wave in enumerate(waves):
-                    spans, metas = wave_inputs(job, wave, starts, block_sources, mask)
-                    ref = [torch.from_numpy(ids[a:b]) for a, b in spans] if r == 0 else carried[w]
-                    for j, actor in enumerate(live.actors):
-                        ref = actor.forward_wave.remote(wave, ref, metas, last=final_round and j == len(live.actors) - 1,
-                                                        final=w == len(waves) - 1)
-                    carried[w] = None if final_round else ref  # stays in the object store for the next round
-                    pending.append((ref, sum(b - a for a, b in spans) * ids.shape[1]))
-                for ref, n in pending:  # the last round's results are None; earlier rounds' are not fetched
-                    if final_round:
-                        ray.get(ref)
-                    else:
-                        ray.wait([ref], fetch_local=False)
-                    bar.update(n)
-                for res in ray.get([a.finish.remote(len(waves)) for a in live.actors]):  # raises a failed wave's error
-                    layers.update({str(k): v for k, v in res.items()})
-                for placed, times in zip(round_where, ray.get([a.loaded.remote() for a in live.actors])):
-                    placed["load"] = {k: round(v, 3) for k, v in times.items()}
-                chosen.update(select_in_round(job, ckpt, live, on_selected, log))
-                stages += [st.to_dict() for st in live.stages]
-                where += round_where
-            except ray.exceptions.RayTaskError as e:
-                raise_stage_error(e)
-            finally:
-                live.close()
+            for attempt in range(1, job.max_attempts + 1):
+                first = r == 0 and attempt == 1 and started is not None
+                live = started if first else start_stages(job, ckpt, run, recorded, log, which=which)
+                try:
+                    begin_stages(job, ckpt, live, sources, on_selected, log)
+                    round_where = ray.get([a.where.remote() for a in live.actors])
+                    log(f"observe: round {r + 1} of {len(rounds)}: layers {live.stages[0].layers[0]}-"
+                        f"{live.stages[-1].layers[-1]} on {len(live.actors)} stage(s)")
+                    outputs = []  # the round's last stage's output per wave: the next round's inputs
+                    for w, wave in enumerate(waves):
+                        spans, metas = wave_inputs(job, wave, starts, block_sources, mask)
+                        ref = [torch.from_numpy(ids[a:b]) for a, b in spans] if r == 0 else carried[w]
+                        for j, actor in enumerate(live.actors):
+                            ref = actor.forward_wave.remote(wave, ref, metas, last=final_round and j == len(live.actors) - 1,
+                                                            final=w == len(waves) - 1)
+                        outputs.append(ref)
+                    for ref in outputs:  # the last round's results are None; earlier rounds' are not fetched
+                        ray.get(ref) if final_round else ray.wait([ref], fetch_local=False)
+                    for res in ray.get([a.finish.remote(len(waves)) for a in live.actors]):  # a failed wave's error
+                        layers.update({str(k): v for k, v in res.items()})
+                    for placed, times in zip(round_where, ray.get([a.loaded.remote() for a in live.actors])):
+                        placed["load"] = {k: round(v, 3) for k, v in times.items()}
+                    chosen.update(select_in_round(job, ckpt, live, on_selected, log))
+                    stages += [st.to_dict() for st in live.stages]
+                    where += round_where
+                    carried = [None if final_round else ref for ref in outputs]  # stay in the object store
+                    bar.update(ids.size)
+                    break
+                except ray.exceptions.RayTaskError as e:
+                    raise_stage_error(e)
+                except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
+                    # the earlier rounds' records, choices and output hidden states (in the object store of their
+                    # nodes, which live on) stand: only this round runs again (a lost node restarts the phase)
+                    if attempt == job.max_attempts:
+                        raise MopError(f"observe: round {r + 1}: a stage was lost {attempt} times; last: "
+                                       f"{str(e).strip().splitlines()[0]}") from None
+                    log(f"observe: round {r + 1}: a stage was lost ({type(e).__name__}); restarting the round "
+                        f"(attempt {attempt + 1})")
+                    for tmp in run.glob("records/layer=*/.sample.*.arrow"):
+                        tmp.unlink(missing_ok=True)
+                finally:
+                    live.close()
     finally:
         bar.close()
     seconds = time.time() - t0
