@@ -89,15 +89,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ckpt = ShapeOnly(args.model)
     else:
         ckpt = Checkpoint(args.model)
+    if args.gpus is not None and args.gpus < 1:
+        raise MopError(f"--gpus {args.gpus}: expected the GPUs the stages run on, at least 1")
+    shape = dict(tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch, waves=args.waves,
+                 dtype=args.dtype, at_once=args.gpus)
     if args.gpu_memory is not None:  # the fewest stages (one GPU each) whose memory estimates fit such a GPU
         if args.gpu_memory <= 0:
             raise MopError(f"--gpu-memory {args.gpu_memory:g}: expected the GPU's memory in GiB, e.g. 79.6 for an H100")
-        stages = fewest_stages(ckpt, int(args.gpu_memory * 2**30), tokens=args.tokens, seq_len=args.seq_len,
-                               micro_batch=args.micro_batch, waves=args.waves, dtype=args.dtype)
+        stages = fewest_stages(ckpt, int(args.gpu_memory * 2**30), **shape)
     else:
-        wave = wave_tokens(ckpt, args.stages, tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                           waves=args.waves, dtype=args.dtype)
+        at_once = min(args.stages, args.gpus or args.stages)  # the waves are those of the stages at once (a round's)
+        wave = wave_tokens(ckpt, at_once, **{k: v for k, v in shape.items() if k != "at_once"})
         stages = plan_stages(ckpt, args.stages, micro_batch_tokens=args.micro_batch * args.seq_len, wave_tokens=wave)
+    rounds = [len(stages[r:r + args.gpus]) for r in range(0, len(stages), args.gpus)] if args.gpus else [len(stages)]
     if args.json:
         print(json.dumps([s.to_dict() for s in stages], indent=2))
     else:
@@ -105,6 +109,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"fewest stages whose memory estimates fit a {args.gpu_memory:g} GiB "
                   f"({args.gpu_memory * 2**30 / 1e9:.1f} GB) GPU: {len(stages)}, one GPU each")
         print(describe(stages, ckpt))
+        if len(rounds) > 1:
+            print(f"on {args.gpus} GPU(s): {len(rounds)} rounds of {', '.join(map(str, rounds))} stages "
+                  f"(what `mop-ray prune --stages {len(stages)}` does on a cluster with that many GPUs)")
     return 0
 
 
@@ -237,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", help="as prune's --dtype")
     pl.add_argument("--gpu-memory", type=float, help="GiB per GPU (nvidia-smi's total, e.g. 79.6 for an H100, 139.8 "
                     "for an H200): plan the fewest stages whose memory estimates fit; --stages is then ignored")
+    pl.add_argument("--gpus", type=int, help="GPUs the stages will run on: more stages than that run in rounds, "
+                    "each round's waves its own")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--shape-only", action="store_true", help="--model is a config.json (or its folder); no weights needed")
     pl.set_defaults(fn=cmd_plan)

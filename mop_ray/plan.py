@@ -129,10 +129,12 @@ def plan_stages(ckpt: Checkpoint, n_stages: int, *, micro_batch_tokens: int = 81
 
 
 def fewest_stages(ckpt: Checkpoint, device_bytes: int, *, tokens: int, seq_len: int, micro_batch: int,
-                  waves: int | None = None, dtype: str | None = None) -> list[Stage]:
-    """The plan with the fewest stages whose every memory estimate fits a GPU of ``device_bytes``."""
+                  waves: int | None = None, dtype: str | None = None, at_once: int | None = None) -> list[Stage]:
+    """The plan with the fewest stages whose every memory estimate fits a GPU of ``device_bytes``; ``at_once``:
+    at most that many stages run at once (rounds), whose waves the estimates count."""
     for n in range(1, ckpt.num_layers + 1):
-        wave = wave_tokens(ckpt, n, tokens=tokens, seq_len=seq_len, micro_batch=micro_batch, waves=waves, dtype=dtype)
+        wave = wave_tokens(ckpt, min(n, at_once or n), tokens=tokens, seq_len=seq_len, micro_batch=micro_batch,
+                           waves=waves, dtype=dtype)
         stages = plan_stages(ckpt, n, micro_batch_tokens=micro_batch * seq_len, wave_tokens=wave)
         if max(st.memory_bytes for st in stages) <= device_bytes:
             return stages

@@ -186,6 +186,15 @@ def test_plan_for_a_gpu_size_takes_the_fewest_stages_that_fit(tiny_models, capsy
     assert main(["plan", "--model", model, "--gpu-memory", "-1"]) == 2
     assert "--gpu-memory -1: expected the GPU's memory in GiB" in capsys.readouterr().err
 
+    # on fewer GPUs than stages: the rounds, each taking its own waves (one stage at a time: one wave, larger)
+    assert main(["plan", "--model", model, "--stages", "3", "--gpus", "2"]) == 0
+    assert "on 2 GPU(s): 2 rounds of 2, 1 stages" in capsys.readouterr().out
+    assert main(["plan", "--model", model, "--stages", "3", "--gpus", "1", "--json"]) == 0
+    assert max(s["memory_bytes"] for s in json.loads(capsys.readouterr().out)) > three
+    assert main(["plan", "--model", model, "--gpu-memory", repr(three / 2**30), "--gpus", "1", "--json"]) == 2
+    assert main(["plan", "--model", model, "--stages", "3", "--gpus", "0"]) == 2
+    assert "--gpus 0: expected the GPUs the stages run on, at least 1" in capsys.readouterr().err
+
 
 def test_shipped_configs_use_known_keys(tmp_path):
     import argparse
