@@ -24,6 +24,7 @@ from actors.cluster import check_reachable, connect, default_stages, started_loc
 from actors.disk_space import check_disk_space
 from actors.early_writes import EarlyChoices, shards_ahead
 from actors.layer_shard import LayerShardWorker
+from actors import round_state
 from actors.shard_writer import ray_shard_writer
 from actors.tasks import combine_layers_task, select_layer_task
 from mop_ray.checkpoint.keepmap import check_r
@@ -204,7 +205,21 @@ def prestart_stages(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manife
         return None
     n_stages = plan_size(job, ckpt)
     at_once = stages_at_once(job, n_stages)
-    return start_stages(job, ckpt, run, recorded, log, which=slice(0, at_once) if at_once < n_stages else None)
+    if at_once >= n_stages:
+        return start_stages(job, ckpt, run, recorded, log)
+    first = rounds_resume(job, ckpt, run, manifest)
+    return start_stages(job, ckpt, run, recorded, log, which=slice(first, first + at_once))
+
+
+def plan_layers(job: PruneJob, ckpt: Checkpoint) -> list[list[int]]:
+    """Each stage's layers in the job's plan."""
+    return [list(st.layers) for st in plan_stages(ckpt, plan_size(job, ckpt))]
+
+
+def rounds_resume(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest) -> int:
+    """The stage the rounds start at: after the last saved round of this plan with --resume, else 0."""
+    state = round_state.resume_point(run, manifest, plan_layers(job, ckpt)) if job.resume else None
+    return state["stages_done"] if state else 0
 
 
 @dataclass
@@ -397,18 +412,29 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
     # waves for a round's pipeline (one for rounds of one stage: its loading overlaps all its compute), the same
     # in every round, as each stage's memory estimate counts them (``start_stages``)
     waves = plan_waves(len(starts), at_once, micro_batch_bytes(ckpt, job.micro_batch, job.seq_len, job.dtype), job.waves)
-    rounds = [slice(r, r + at_once) for r in range(0, n_plan, at_once)]
     layers = dict((manifest.done("observe") or {}).get("layers", {}))
     stages, where, carried = [], [], [None] * len(waves)  # carried[w]: wave w's hidden states after the last round
     chosen = {}  # layer -> selection result, from each round's stages
+    plan = plan_layers(job, ckpt)
+    first = rounds_resume(job, ckpt, run, manifest)
+    if first:  # --resume after a saved round: its records, choices and output hidden states stand
+        state = round_state.resume_point(run, manifest, plan)
+        layers.update(state["layers"])
+        stages, where = list(state["stages"]), list(state["placement"])
+        chosen = round_state.chosen_from(state, job.method, job.keep)
+        carried = [ray.put(h) for h in round_state.load_hidden(run, first, waves)]
+        log(f"observe: resuming after stage {first - 1} (layers 0-{plan[first - 1][-1]} recorded"
+            f"{', selected' if chosen else ''})")
+    rounds = [slice(r, r + at_once) for r in range(first, n_plan, at_once)]
+    saver = round_state.BoundarySaver(run, manifest, log)
     t0 = time.time()
     bar = tqdm(total=ids.size * len(rounds), unit="tok", desc="observe", disable=not job.progress, unit_scale=True)
     try:
         for r, which in enumerate(rounds):
             final_round = r == len(rounds) - 1
             for attempt in range(1, job.max_attempts + 1):
-                first = r == 0 and attempt == 1 and started is not None
-                live = started if first else start_stages(job, ckpt, run, recorded, log, which=which)
+                prestarted = r == 0 and attempt == 1 and started is not None
+                live = started if prestarted else start_stages(job, ckpt, run, recorded, log, which=which)
                 try:
                     begin_stages(job, ckpt, live, sources, on_selected, log)
                     round_where = ray.get([a.where.remote() for a in live.actors])
@@ -417,7 +443,7 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                     outputs = []  # the round's last stage's output per wave: the next round's inputs
                     for w, wave in enumerate(waves):
                         spans, metas = wave_inputs(job, wave, starts, block_sources, mask)
-                        ref = [torch.from_numpy(ids[a:b]) for a, b in spans] if r == 0 else carried[w]
+                        ref = [torch.from_numpy(ids[a:b]) for a, b in spans] if r == 0 and not first else carried[w]
                         for j, actor in enumerate(live.actors):
                             ref = actor.forward_wave.remote(wave, ref, metas, last=final_round and j == len(live.actors) - 1,
                                                             final=w == len(waves) - 1)
@@ -433,6 +459,13 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                     where += round_where
                     carried = [None if final_round else ref for ref in outputs]  # stay in the object store
                     bar.update(ids.size)
+                    if not final_round:  # for --resume, while the next round runs
+                        saver.save(which.stop, waves, outputs, {  # a snapshot: the next round adds to these
+                            "plan": plan, "layers": dict(layers), "stages": list(stages), "placement": list(where),
+                            "method": job.method, "keep": job.keep, "chosen": {str(k): list(v) for k, v in chosen.items()}})
+                        if os.environ.get("MOP_RAY_FAULT_DRIVER_EXIT") == "after_round":  # test hook: killed here
+                            saver.wait()
+                            os.kill(os.getpid(), 9)
                     break
                 except ray.exceptions.RayTaskError as e:
                     raise_stage_error(e)
@@ -450,10 +483,12 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                     live.close()
     finally:
         bar.close()
+        saver.wait()
     seconds = time.time() - t0
     state = {"layers": layers, "stages": stages, "placement": where, "rounds": len(rounds), "tokens": int(ids.size),
              "seconds": round(seconds, 2), "tokens_per_s": round(ids.size / max(seconds, 1e-9), 1)}
     manifest.mark("observe", state)
+    round_state.clear(run)
     log(f"observe: {ids.size} tokens through {n_plan} stage(s) in {len(rounds)} rounds of {at_once} in {seconds:.1f}s "
         f"({ids.size / seconds:.0f} tok/s)")
     return state, None, chosen
@@ -572,6 +607,8 @@ def run(job: PruneJob, log=print) -> dict:
         shutil.rmtree(run_dir / "records", ignore_errors=True)
         (run_dir / "manifest.json").unlink()
     shutil.rmtree(run_dir / "shards", ignore_errors=True)  # an earlier run's shards written ahead (ShardsAhead)
+    if not job.resume:
+        round_state.clear(run_dir)  # an earlier run's hidden states between rounds
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir / "manifest.json", plan_hash(job, ckpt), job.resume, str(ckpt.path.absolute()))
     fault_env = {"env_vars": job.extra["fault_env"]} if job.extra.get("fault_env") else None

@@ -208,3 +208,43 @@ def test_driver_killed_after_select_then_resume(tiny_models, tmp_path, ray_local
     calm_info, hit_info = (json.loads((d / "pruning.json").read_text()) for d in (tmp_path / "calm", out))
     assert hit_info["keep_map"] == calm_info["keep_map"]
     assert len(set(shard_bytes(out)[0].values())) > 1  # several shards were compared
+
+
+def test_driver_killed_between_rounds_resumes_at_the_next_round(tiny_models, tmp_path, ray_local):
+    """Stages in rounds (three, one at a time): the driver is SIGKILLed once the first round has saved its hidden
+    states, records and choices; --resume runs the last two rounds only (from the saved hidden states) and gives
+    the records and checkpoint of an undisturbed run."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mop_ray.cli import main
+
+    model = tiny_models["mixtral"]
+    args = ["prune", "--model", str(model), "--method", "reap", "--keep", "4", "--tokens", "256", "--seq-len", "32",
+            "--sample", "10000", "--micro-batch", "2", "--seed", "0", "--max-shard-size", "100KB",
+            "--stages", "3", "--stages-at-once", "1"]
+    assert main([*args, "--out", str(tmp_path / "calm")]) == 0
+    out, run_dir = tmp_path / "hit", tmp_path / "hit-run"
+    cmd = [str(Path(sys.executable).parent / "mop-ray"), *args, "--out", str(out), "--run-dir", str(run_dir),
+           "--address", ray_local.get_runtime_context().gcs_address]
+
+    def driver(env, *flags):
+        p = subprocess.run([*cmd, *flags], env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
+        return p.returncode, p.stdout + p.stderr
+
+    rc, text = driver({"MOP_RAY_FAULT_DRIVER_EXIT": "after_round"})
+    assert rc == -signal.SIGKILL, text[-3000:]
+    phases = json.loads((run_dir / "manifest.json").read_text())["phases"]
+    assert set(phases) == {"calibrate", "observe_rounds"} and phases["observe_rounds"]["stages_done"] == 1, phases
+    assert sorted(p.name for p in (run_dir / "rounds" / "stages-done-1").iterdir())[0] == "mb-00000.safetensors"
+
+    rc, text = driver({}, "--resume")
+    assert rc == 0, text[-3000:]
+    assert "observe: resuming after stage 0 (layers 0-0 recorded, selected)" in text, text[-3000:]
+    assert "layers 0-0 on 1 stage(s)" not in text and "observe: round 2 of 2: layers 2-2" in text, text[-3000:]
+    phases = json.loads((run_dir / "manifest.json").read_text())["phases"]
+    assert phases["select"]["in"] == "stages" and not (run_dir / "rounds").exists()
+    assert_same_stats(tmp_path / "calm.run", run_dir, model, tokens=256)
+    assert shard_bytes(tmp_path / "calm") == shard_bytes(out)
