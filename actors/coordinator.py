@@ -217,8 +217,9 @@ def plan_layers(job: PruneJob, ckpt: Checkpoint) -> list[list[int]]:
 
 
 def rounds_resume(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest) -> int:
-    """The stage the rounds start at: after the last saved round of this plan with --resume, else 0."""
-    state = round_state.resume_point(run, manifest, plan_layers(job, ckpt)) if job.resume else None
+    """The stage the rounds start at: after the last round of this plan saved in the run directory (by an earlier
+    attempt of this run, or with --resume by the run it resumes; a new run starts with none), else 0."""
+    state = round_state.resume_point(run, manifest, plan_layers(job, ckpt))
     return state["stages_done"] if state else 0
 
 
@@ -434,6 +435,11 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
             final_round = r == len(rounds) - 1
             for attempt in range(1, job.max_attempts + 1):
                 prestarted = r == 0 and attempt == 1 and started is not None
+                if attempt > 1 and which.start:  # the saved copy of the round's inputs, in case a lost node held them
+                    saver.wait()
+                    if (round_state.resume_point(run, manifest, plan) or {}).get("stages_done") == which.start:
+                        carried = [ray.put(h) for h in round_state.load_hidden(run, which.start, waves)]
+                        log(f"observe: round {r + 1}: its inputs from {round_state.boundary_dir(run, which.start)}")
                 live = started if prestarted else start_stages(job, ckpt, run, recorded, log, which=which)
                 try:
                     begin_stages(job, ckpt, live, sources, on_selected, log)
@@ -449,7 +455,10 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                                                             final=w == len(waves) - 1)
                         outputs.append(ref)
                     for ref in outputs:  # the last round's results are None; earlier rounds' are not fetched
-                        ray.get(ref) if final_round else ray.wait([ref], fetch_local=False)
+                        if final_round:
+                            ray.get(ref)
+                        else:
+                            ray.wait([ref], fetch_local=False)
                     for res in ray.get([a.finish.remote(len(waves)) for a in live.actors]):  # a failed wave's error
                         layers.update({str(k): v for k, v in res.items()})
                     for placed, times in zip(round_where, ray.get([a.loaded.remote() for a in live.actors])):
@@ -470,8 +479,8 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                 except ray.exceptions.RayTaskError as e:
                     raise_stage_error(e)
                 except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
-                    # the earlier rounds' records, choices and output hidden states (in the object store of their
-                    # nodes, which live on) stand: only this round runs again (a lost node restarts the phase)
+                    # the earlier rounds' records, choices and output hidden states (in the object store, and saved
+                    # in the run directory) stand: only this round runs again
                     if attempt == job.max_attempts:
                         raise MopError(f"observe: round {r + 1}: a stage was lost {attempt} times; last: "
                                        f"{str(e).strip().splitlines()[0]}") from None

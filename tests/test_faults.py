@@ -48,8 +48,8 @@ def test_stage_and_writer_crashes_are_survived(tiny_models, tmp_path, ray_local)
 def test_a_stage_lost_in_a_middle_round_restarts_that_round(tiny_models, tmp_path, ray_local):
     """Stages in rounds (one at a time): the stage of the middle round dies at micro-batch 3, whose waves' results the
     coordinator does not fetch (they stay in the object store for the next round); its ``finish`` surfaces the loss
-    and only that round runs again, from the first round's hidden states still in the object store; the records
-    and output equal an undisturbed run's. A stage that dies selecting at its
+    and only that round runs again, from the first round's hidden states as saved in the run directory (a lost node
+    may have held them); the records and output equal an undisturbed run's. A stage that dies selecting at its
     round's end (after its waves) leaves its layer to a task while the next rounds go on: the same output."""
     model = tiny_models["deepseek_v3"]
     kw = dict(stages=3, stages_at_once=1, tokens=16 * 32, micro_batch=2, max_shard_size="100KB")
@@ -59,6 +59,7 @@ def test_a_stage_lost_in_a_middle_round_restarts_that_round(tiny_models, tmp_pat
     hit = run(small_job(model, tmp_path / "hit", extra={"fault_env": env}, **kw), log=logs.append)
     assert (tmp_path / "stage.marker").exists() and any("round 2: a stage was lost" in line for line in logs), logs
     assert [sum(m.startswith(f"observe: round {r} of 3") for m in logs) for r in (1, 2, 3)] == [1, 2, 1]
+    assert any(m.startswith("observe: round 2: its inputs from ") for m in logs)  # the copy saved after round 1
     assert hit["keep_map"] == calm["keep_map"]
     assert_same_stats(tmp_path / "calm.run", tmp_path / "hit.run", model, tokens=512)
     assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "hit")
