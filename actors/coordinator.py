@@ -417,12 +417,12 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
     stages, where, carried = [], [], [None] * len(waves)  # carried[w]: wave w's hidden states after the last round
     chosen = {}  # layer -> selection result, from each round's stages
     plan = plan_layers(job, ckpt)
-    first = rounds_resume(job, ckpt, run, manifest)
-    if first:  # --resume after a saved round: its records, choices and output hidden states stand
-        state = round_state.resume_point(run, manifest, plan)
-        layers.update(state["layers"])
-        stages, where = list(state["stages"]), list(state["placement"])
-        chosen = round_state.chosen_from(state, job.method, job.keep)
+    saved = round_state.resume_point(run, manifest, plan)  # as ``rounds_resume``, which prestarted the first round
+    first = saved["stages_done"] if saved else 0
+    if first:  # after a saved round: its records, choices and output hidden states stand
+        layers.update(saved["layers"])
+        stages, where = list(saved["stages"]), list(saved["placement"])
+        chosen = round_state.chosen_from(saved, job.method, job.keep)
         carried = [ray.put(h) for h in round_state.load_hidden(run, first, waves)]
         log(f"observe: resuming after stage {first - 1} (layers 0-{plan[first - 1][-1]} recorded"
             f"{', selected' if chosen else ''})")

@@ -92,14 +92,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.gpus is not None and args.gpus < 1:
         raise MopError(f"--gpus {args.gpus}: expected the GPUs the stages run on, at least 1")
     shape = dict(tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch, waves=args.waves,
-                 dtype=args.dtype, at_once=args.gpus)
+                 dtype=args.dtype)
     if args.gpu_memory is not None:  # the fewest stages (one GPU each) whose memory estimates fit such a GPU
         if args.gpu_memory <= 0:
             raise MopError(f"--gpu-memory {args.gpu_memory:g}: expected the GPU's memory in GiB, e.g. 79.6 for an H100")
-        stages = fewest_stages(ckpt, int(args.gpu_memory * 2**30), **shape)
+        stages = fewest_stages(ckpt, int(args.gpu_memory * 2**30), at_once=args.gpus, **shape)
     else:
         at_once = min(args.stages, args.gpus or args.stages)  # the waves are those of the stages at once (a round's)
-        wave = wave_tokens(ckpt, at_once, **{k: v for k, v in shape.items() if k != "at_once"})
+        wave = wave_tokens(ckpt, at_once, **shape)
         stages = plan_stages(ckpt, args.stages, micro_batch_tokens=args.micro_batch * args.seq_len, wave_tokens=wave)
     rounds = [len(stages[r:r + args.gpus]) for r in range(0, len(stages), args.gpus)] if args.gpus else [len(stages)]
     if args.json:
