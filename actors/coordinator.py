@@ -601,16 +601,21 @@ def run(job: PruneJob, log=print) -> dict:
     if method.needs_weights and method.needs_records:
         check_selection_memory(ckpt, job)  # a sample too large for selection fails now, not after observe
     if method.needs_records:  # records and output that would not fit fail now, not hours into observe
-        records, output = check_disk_space(job, ckpt)
-        log(f"disk: {human_size(records)} of new records in {job.run_path}, {human_size(output)} of output")
+        check_disk_space(job, ckpt)  # before Ray starts; the hidden states between rounds are counted below
     check_reachable(job.address)  # an --address nobody answers on fails now, before anything is written
     connect(job.address)
     n_stages = plan_size(job, ckpt)
-    need = (job.stage_gpus or 0) * stages_at_once(job, n_stages)  # the stages that run at once
+    at_once = stages_at_once(job, n_stages)
+    need = (job.stage_gpus or 0) * at_once  # the stages that run at once
     have = int(ray.cluster_resources().get("GPU", 0))
     if need and started_locally() and have < need:
         raise MopError(f"--stage-gpus {job.stage_gpus}: the stages need {need} GPUs but this machine's Ray has {have} "
                        "and no autoscaler; lower --stages or --stages-at-once, or drop stage-gpus")
+    if method.needs_records:
+        rounds = -(-n_stages // at_once)
+        records, output = check_disk_space(job, ckpt, rounds)
+        log(f"disk: {human_size(records)} of new records{' and hidden states between rounds' if rounds > 1 else ''} "
+            f"in {job.run_path}, {human_size(output)} of output")
     run_dir = job.run_path
     if run_dir.exists() and not job.resume and (run_dir / "manifest.json").exists():
         shutil.rmtree(run_dir / "records", ignore_errors=True)

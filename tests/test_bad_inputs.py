@@ -332,6 +332,39 @@ def test_a_resumed_run_needs_room_only_for_the_layers_not_yet_recorded(tiny_mode
     assert check_disk_space(job, ckpt)[1] == output
 
 
+def test_stages_in_rounds_need_room_for_the_hidden_states_they_hand_on(tiny_models, tmp_path, monkeypatch):
+    """Rounds save the hidden states between them (two boundaries for a moment, [tokens, H] each); a disk with room
+    for records and output but not for those fails up front, and an earlier run's boundaries count as free."""
+    from collections import namedtuple
+
+    from actors.coordinator import PruneJob
+    from actors.disk_space import boundary_bytes, check_disk_space
+
+    from mop_ray.checkpoint.reader import Checkpoint
+
+    ckpt = Checkpoint(tiny_models["mixtral"])
+    job = PruneJob(model=str(ckpt.path), out=str(tmp_path / "o"), method="frequency", keep=4, tokens=4096, seq_len=32,
+                   sample=1024)
+    one = 4096 * int(ckpt.config["hidden_size"]) * 4  # the tiny model's float32
+    assert (boundary_bytes(job, ckpt, 1), boundary_bytes(job, ckpt, 2), boundary_bytes(job, ckpt, 5)) == (0, one, 2 * one)
+    records, output = check_disk_space(job, ckpt)
+    usage = namedtuple("usage", "total used free")
+    free = int((records + output) * 1.06)  # room for records and output only
+    monkeypatch.setattr("actors.disk_space.shutil.disk_usage", lambda p: usage(10**12, 0, free))
+    assert check_disk_space(job, ckpt, rounds=1) == (records, output)
+    with pytest.raises(MopError, match="the hidden states between its 3 rounds") as e:
+        check_disk_space(job, ckpt, rounds=3)
+    assert len(str(e.value).splitlines()) == 1
+    saved = job.run_path / "rounds" / "stages-done-1" / "mb-00000.safetensors"  # an earlier run's boundary
+    saved.parent.mkdir(parents=True)
+    with open(saved, "wb") as f:
+        f.truncate(3 * one)  # the margin: 5 % of everything
+    assert check_disk_space(job, ckpt, rounds=3) == (records + 2 * one, output)  # a new run removes it first
+    job.resume = True  # a resumed run keeps it
+    with pytest.raises(MopError, match="between its 3 rounds"):
+        check_disk_space(job, ckpt, rounds=3)
+
+
 def test_a_disk_that_fills_up_during_the_run_is_one_line_not_a_traceback(tiny_models, tmp_path, capsys, monkeypatch):
     """Space is checked up front, but another writer can still fill the disk: "no space left", raised in a stage
     (a RayTaskError whose cause is the OSError) or here, is one line; any other error keeps its traceback."""
