@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,7 @@ class PruneJob:
     resume: bool = False
     overwrite: bool = False
     stages: int | None = None
-    stage_gpus: int | None = None  # GPUs per stage; None: 1 if the cluster has a GPU per stage now, else 0
+    stage_gpus: int | None = None  # GPUs per stage; None: 1 if the cluster has a GPU per stage at the start, else 0
     stages_at_once: int | None = None  # fewer than the stages: rounds of this many (None: see ``stages_at_once``)
     micro_batch: int = 4
     waves: int | None = None  # micro-batch groups a stage takes layer by layer; None: mop_ray.plan.plan_waves decides
@@ -256,7 +256,8 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
     for attempt in range(1, job.max_attempts + 1):
         try:
             return _observe_once(job, ckpt, calib, run, manifest, log, started if attempt == 1 else None, on_selected)
-        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError,
+                ray.exceptions.ObjectLostError) as e:  # the last: a round's inputs lost with a node before they were saved
             if attempt == job.max_attempts:
                 raise MopError(f"observe: a stage was lost {attempt} times; last: {str(e).strip().splitlines()[0]}") from None
             log(f"observe: a stage was lost ({type(e).__name__}); restarting the phase (attempt {attempt + 1})")
@@ -611,6 +612,9 @@ def run(job: PruneJob, log=print) -> dict:
     if need and started_locally() and have < need:
         raise MopError(f"--stage-gpus {job.stage_gpus}: the stages need {need} GPUs but this machine's Ray has {have} "
                        "and no autoscaler; lower --stages or --stages-at-once, or drop stage-gpus")
+    if job.stage_gpus is None:  # decided once: a restart while a lost node's replacement has yet to join (the
+        # cluster without a GPU for a moment) places its stages as the first attempt did, not on CPUs, all at once
+        job = replace(job, stages_at_once=at_once, stage_gpus=int(0 < at_once <= have))
     if method.needs_records:
         rounds = -(-n_stages // at_once)
         records, output = check_disk_space(job, ckpt, rounds)

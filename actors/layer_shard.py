@@ -51,16 +51,19 @@ def device_memory(device: torch.device) -> tuple[int, str] | None:
 
 
 def _fault_injection(layers: list[int], mb_id: int | str) -> None:
-    """Test hook: MOP_RAY_FAULT_EXIT="<layer>:<micro-batch>:<marker file>" kills the process holding that layer
+    """Test hooks: MOP_RAY_FAULT_EXIT="<layer>:<micro-batch>:<marker file>" kills the process holding that layer
     once, at that micro-batch (or "select": when it selects for that layer; the marker file makes it once), so
-    tests can exercise actor loss for real."""
-    spec = os.environ.get("MOP_RAY_FAULT_EXIT")
-    if not spec:
-        return
-    layer, mb, marker = spec.split(":", 2)
-    if int(layer) in layers and mb == str(mb_id) and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
+    tests can exercise actor loss for real; MOP_RAY_FAULT_HANG (the same form) stops it there instead, until its
+    node is removed."""
+    for var in ("MOP_RAY_FAULT_EXIT", "MOP_RAY_FAULT_HANG"):
+        if not (spec := os.environ.get(var)):
+            continue
+        layer, mb, marker = spec.split(":", 2)
+        if int(layer) in layers and mb == str(mb_id) and not os.path.exists(marker):
+            open(marker, "w").close()
+            if var == "MOP_RAY_FAULT_EXIT":
+                os._exit(1)
+            time.sleep(3600)
 
 
 def _event_after(events: list | None, layer: int | None, mb: int | None) -> None:

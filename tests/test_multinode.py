@@ -46,25 +46,60 @@ def test_three_nodes_with_fake_gpus_match_a_single_process(tiny_models, tmp_path
 
 def test_more_stages_than_gpus_run_in_rounds_across_nodes(tiny_models, tmp_path, ray_local):
     """Two nodes with one fake GPU each and three stages: the stages run in rounds of two (the first round's two
-    stages a pipeline across the nodes), each on a GPU, and give the single-process result."""
+    stages a pipeline across the nodes), each on a GPU, and give the single-process result — also when both nodes
+    are lost in round 2 (its stage stopped at micro-batch 3, MOP_RAY_FAULT_HANG) and two replacements join, as an
+    autoscaler starts them: round 1's hidden states, which were in the lost nodes' object stores, come from the
+    copy saved in the run directory and only round 2 runs again."""
+    import threading
+    import time
+
     import ray
     from ray.cluster_utils import Cluster
 
     model = tiny_models["qwen3_moe"]
-    single = run(small_job(model, tmp_path / "single", stages=1), log=lambda *_: None)
+    kw = dict(tokens=32 * 32, micro_batch=1)
+    single = run(small_job(model, tmp_path / "single", stages=1, **kw), log=lambda *_: None)
     ray.shutdown()
 
+    marker = tmp_path / "hang.marker"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1, num_gpus=1)
+        nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
-        logs = []
-        rounds = run(small_job(model, tmp_path / "rounds", stages=3, address=cluster.address), log=logs.append)
+        ray.init(address=cluster.address)
+        logs, result = [], {}
+
+        def job():  # on a thread: Cluster.add_node must run on the main thread (it sets signal handlers)
+            try:
+                result["rounds"] = run(small_job(model, tmp_path / "rounds", stages=3, address=cluster.address,
+                                                 extra={"fault_env": {"MOP_RAY_FAULT_HANG": f"2:3:{marker}"}}, **kw),
+                                       log=logs.append)
+            except BaseException as e:  # noqa: BLE001 - re-raised below on the main thread
+                result["error"] = e
+
+        runner = threading.Thread(target=job, daemon=True)
+        runner.start()
+        manifest = tmp_path / "rounds.run" / "manifest.json"
+        deadline = time.time() + 300
+        while runner.is_alive() and time.time() < deadline:  # round 2 stopped, round 1's boundary saved
+            if marker.exists() and manifest.exists() and "observe_rounds" in json.loads(manifest.read_text())["phases"]:
+                for node in nodes:
+                    cluster.remove_node(node)
+                for _ in nodes:
+                    cluster.add_node(num_cpus=1, num_gpus=1)
+                break
+            time.sleep(0.1)
+        runner.join(timeout=600)
+        if "error" in result:
+            raise result["error"]
+        rounds = result["rounds"]
     finally:
         ray.shutdown()
         cluster.shutdown()
 
+    assert marker.exists() and any("round 2: a stage was lost" in m for m in logs), logs
+    assert any(m.startswith("observe: round 2: its inputs from ") for m in logs), logs
+    assert [sum(m.startswith(f"observe: round {r} of 2") for m in logs) for r in (1, 2)] == [1, 2]
     observe = json.loads((tmp_path / "rounds.run" / "manifest.json").read_text())["phases"]["observe"]
     assert observe["rounds"] == 2 and [p["layers"] for p in observe["placement"]] == [[0], [1], [2]]
     assert all(len(p["gpus"]) == 1 for p in observe["placement"])  # every stage on a (fake) GPU, none on the CPU
@@ -73,5 +108,6 @@ def test_more_stages_than_gpus_run_in_rounds_across_nodes(tiny_models, tmp_path,
     assert rounds["keep_map"] == single["keep_map"]
     for layer in Checkpoint(model).moe_layers:
         a, b = read_stats(tmp_path / "single.run", layer), read_stats(tmp_path / "rounds.run", layer)
+        assert a.n_tokens == b.n_tokens == 32 * 32  # no micro-batch counted twice
         for f in STAT_FIELDS:
             np.testing.assert_allclose(a.by_source[f], b.by_source[f], rtol=1e-9, atol=1e-12)
