@@ -72,6 +72,35 @@ def small_job(model, out, **kw):
     return PruneJob(**base)
 
 
+def run_meanwhile(job, when, then, *, within: float = 300.0):
+    """``job()`` on a thread while the main thread calls ``then()`` once ``when()`` holds (within ``within`` s; a
+    ``ray.cluster_utils.Cluster`` adds and removes nodes on the main thread only: it sets signal handlers);
+    -> (job's result, whether ``then`` ran); the job's exception is raised here."""
+    import threading
+    import time
+
+    result = {}
+
+    def target():
+        try:
+            result["value"] = job()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            result["error"] = e
+
+    runner = threading.Thread(target=target, daemon=True)
+    runner.start()
+    deadline, done = time.time() + within, False
+    while not done and runner.is_alive() and time.time() < deadline:
+        if when():
+            then()
+            done = True
+        time.sleep(0.05)
+    runner.join(timeout=600)
+    if "error" in result:
+        raise result["error"]
+    return result["value"], done
+
+
 _RECORDS: dict = {}
 
 

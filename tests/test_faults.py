@@ -13,7 +13,7 @@ from actors.coordinator import run
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.observe.records import STAT_FIELDS, read_stats
 
-from conftest import small_job
+from conftest import run_meanwhile, small_job
 
 
 def shard_bytes(out):
@@ -115,7 +115,6 @@ def test_a_stage_lost_while_selecting_after_or_beside_observe(tiny_models, tmp_p
 def test_losing_a_node_during_observe(tiny_models, tmp_path, ray_local):
     """Remove the node that holds a stage while micro-batches stream; a replacement node joins (as the
     autoscaler would bring one); the run completes with the undisturbed result."""
-    import threading
     import time
 
     import ray
@@ -130,29 +129,17 @@ def test_losing_a_node_during_observe(tiny_models, tmp_path, ray_local):
         nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
-        removed, logs, result = [], [], {}
+        logs = []
 
-        def job():  # the job runs on a thread: Cluster.add_node must run on the main thread (it sets signal handlers)
-            try:
-                result["hit"] = run(small_job(model, tmp_path / "hit", address=cluster.address, **kw), log=logs.append)
-            except BaseException as e:  # noqa: BLE001 - re-raised below on the main thread
-                result["error"] = e
+        def swap_a_node():  # it holds a stage: every node holds one
+            time.sleep(1.0)
+            cluster.remove_node(nodes[-1])
+            cluster.add_node(num_cpus=1, num_gpus=1)  # the replacement the autoscaler would start
 
-        runner = threading.Thread(target=job, daemon=True)
-        runner.start()
-        deadline = time.time() + 120
-        while time.time() < deadline and runner.is_alive():
-            if ray.available_resources().get("GPU", 0) == 0:  # all three GPUs reserved for the stages (0 is omitted)
-                time.sleep(1.0)
-                cluster.remove_node(nodes[-1])  # it holds a stage: every node holds one
-                removed.append(nodes[-1].unique_id)
-                cluster.add_node(num_cpus=1, num_gpus=1)  # the replacement the autoscaler would start
-                break
-            time.sleep(0.05)
-        runner.join(timeout=600)
-        if "error" in result:
-            raise result["error"]
-        hit = result["hit"]
+        hit, removed = run_meanwhile(
+            lambda: run(small_job(model, tmp_path / "hit", address=cluster.address, **kw), log=logs.append),
+            lambda: ray.available_resources().get("GPU", 0) == 0,  # all three GPUs reserved for the stages
+            swap_a_node, within=120)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -10,7 +10,7 @@ from actors.coordinator import run
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.observe.records import STAT_FIELDS, read_stats
 
-from conftest import small_job
+from conftest import run_meanwhile, small_job
 
 
 def test_three_nodes_with_fake_gpus_match_a_single_process(tiny_models, tmp_path, ray_local):
@@ -50,9 +50,6 @@ def test_more_stages_than_gpus_run_in_rounds_across_nodes(tiny_models, tmp_path,
     are lost in round 2 (its stage stopped at micro-batch 3, MOP_RAY_FAULT_HANG) and two replacements join, as an
     autoscaler starts them: round 1's hidden states, which were in the lost nodes' object stores, come from the
     copy saved in the run directory and only round 2 runs again."""
-    import threading
-    import time
-
     import ray
     from ray.cluster_utils import Cluster
 
@@ -67,37 +64,27 @@ def test_more_stages_than_gpus_run_in_rounds_across_nodes(tiny_models, tmp_path,
         nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
-        logs, result = [], {}
-
-        def job():  # on a thread: Cluster.add_node must run on the main thread (it sets signal handlers)
-            try:
-                result["rounds"] = run(small_job(model, tmp_path / "rounds", stages=3, address=cluster.address,
-                                                 extra={"fault_env": {"MOP_RAY_FAULT_HANG": f"2:3:{marker}"}}, **kw),
-                                       log=logs.append)
-            except BaseException as e:  # noqa: BLE001 - re-raised below on the main thread
-                result["error"] = e
-
-        runner = threading.Thread(target=job, daemon=True)
-        runner.start()
+        logs = []
         manifest = tmp_path / "rounds.run" / "manifest.json"
-        deadline = time.time() + 300
-        while runner.is_alive() and time.time() < deadline:  # round 2 stopped, round 1's boundary saved
-            if marker.exists() and manifest.exists() and "observe_rounds" in json.loads(manifest.read_text())["phases"]:
-                for node in nodes:
-                    cluster.remove_node(node)
-                for _ in nodes:
-                    cluster.add_node(num_cpus=1, num_gpus=1)
-                break
-            time.sleep(0.1)
-        runner.join(timeout=600)
-        if "error" in result:
-            raise result["error"]
-        rounds = result["rounds"]
+        fault = {"fault_env": {"MOP_RAY_FAULT_HANG": f"2:3:{marker}"}}  # round 2's stage stops at micro-batch 3
+
+        def both_nodes_replaced():
+            for node in nodes:
+                cluster.remove_node(node)
+            for _ in nodes:
+                cluster.add_node(num_cpus=1, num_gpus=1)
+
+        rounds, replaced = run_meanwhile(
+            lambda: run(small_job(model, tmp_path / "rounds", stages=3, address=cluster.address, extra=fault, **kw),
+                        log=logs.append),
+            lambda: marker.exists() and manifest.exists()  # round 2 stopped, round 1's boundary saved
+            and "observe_rounds" in json.loads(manifest.read_text())["phases"],
+            both_nodes_replaced)
     finally:
         ray.shutdown()
         cluster.shutdown()
 
-    assert marker.exists() and any("round 2: a stage was lost" in m for m in logs), logs
+    assert replaced and any("round 2: a stage was lost" in m for m in logs), logs
     assert any(m.startswith("observe: round 2: its inputs from ") for m in logs), logs
     assert [sum(m.startswith(f"observe: round {r} of 2") for m in logs) for r in (1, 2)] == [1, 2]
     observe = json.loads((tmp_path / "rounds.run" / "manifest.json").read_text())["phases"]["observe"]
