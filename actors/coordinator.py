@@ -257,10 +257,11 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
         try:
             return _observe_once(job, ckpt, calib, run, manifest, log, started if attempt == 1 else None, on_selected)
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError,
-                ray.exceptions.ObjectLostError) as e:  # the last: a round's inputs lost with a node before they were saved
+                round_state.InputsLost) as e:  # the last: rounds restart at the last round whose inputs were saved
             if attempt == job.max_attempts:
                 raise MopError(f"observe: a stage was lost {attempt} times; last: {str(e).strip().splitlines()[0]}") from None
-            log(f"observe: a stage was lost ({type(e).__name__}); restarting the phase (attempt {attempt + 1})")
+            why = str(e) if isinstance(e, round_state.InputsLost) else f"a stage was lost ({type(e).__name__})"
+            log(f"observe: {why}; restarting the phase (attempt {attempt + 1})")
             for tmp in run.glob("records/layer=*/.sample.*.arrow"):
                 tmp.unlink(missing_ok=True)
 
@@ -441,6 +442,8 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                     if (round_state.resume_point(run, manifest, plan) or {}).get("stages_done") == which.start:
                         carried = [ray.put(h) for h in round_state.load_hidden(run, which.start, waves)]
                         log(f"observe: round {r + 1}: its inputs from {round_state.boundary_dir(run, which.start)}")
+                    else:  # not saved: the object store's copy may have gone with the stage's node
+                        raise round_state.InputsLost(f"round {r + 1}: its inputs were not saved")
                 live = started if prestarted else start_stages(job, ckpt, run, recorded, log, which=which)
                 try:
                     begin_stages(job, ckpt, live, sources, on_selected, log)

@@ -15,6 +15,11 @@ import ray
 PHASE = "observe_rounds"  # the manifest's entry for the last saved boundary
 
 
+class InputsLost(RuntimeError):
+    """A round lost a stage and its inputs were not saved (the save failed): the object store's copy may have gone
+    with a lost node, so the phase restarts at the last saved round."""
+
+
 def boundary_dir(run: Path, stages_done: int) -> Path:
     return run / "rounds" / f"stages-done-{stages_done}"
 

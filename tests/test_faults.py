@@ -49,8 +49,9 @@ def test_a_stage_lost_in_a_middle_round_restarts_that_round(tiny_models, tmp_pat
     """Stages in rounds (one at a time): the stage of the middle round dies at micro-batch 3, whose waves' results the
     coordinator does not fetch (they stay in the object store for the next round); its ``finish`` surfaces the loss
     and only that round runs again, from the first round's hidden states as saved in the run directory (a lost node
-    may have held them); the records and output equal an undisturbed run's. A stage that dies selecting at its
-    round's end (after its waves) leaves its layer to a task while the next rounds go on: the same output."""
+    may have held them); the records and output equal an undisturbed run's — or, where that copy could not be
+    saved, the phase restarts at round 1. A stage that dies selecting at its round's end (after its waves) leaves
+    its layer to a task while the next rounds go on: the same output."""
     model = tiny_models["deepseek_v3"]
     kw = dict(stages=3, stages_at_once=1, tokens=16 * 32, micro_batch=2, max_shard_size="100KB")
     calm = run(small_job(model, tmp_path / "calm", **kw), log=lambda *_: None)
@@ -63,6 +64,20 @@ def test_a_stage_lost_in_a_middle_round_restarts_that_round(tiny_models, tmp_pat
     assert hit["keep_map"] == calm["keep_map"]
     assert_same_stats(tmp_path / "calm.run", tmp_path / "hit.run", model, tokens=512)
     assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "hit")
+
+    # the hidden states cannot be saved (a file where their folder goes): the round's inputs in the object store
+    # may have gone with a lost node, so the phase restarts at the first round
+    logs = []
+    (tmp_path / "unsaved.run").mkdir()
+    (tmp_path / "unsaved.run" / "rounds").write_text("")
+    env = {"MOP_RAY_FAULT_EXIT": f"1:3:{tmp_path / 'unsaved.marker'}"}
+    unsaved = run(small_job(model, tmp_path / "unsaved", extra={"fault_env": env}, **kw), log=logs.append)
+    assert any(m.startswith("observe: could not save the hidden states after stage 0") for m in logs), logs
+    assert any("round 2: its inputs were not saved; restarting the phase" in m for m in logs), logs
+    assert [sum(m.startswith(f"observe: round {r} of 3") for m in logs) for r in (1, 2, 3)] == [2, 2, 1]
+    assert unsaved["keep_map"] == calm["keep_map"]
+    assert_same_stats(tmp_path / "calm.run", tmp_path / "unsaved.run", model, tokens=512)
+    assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "unsaved")
 
     logs = []
     env = {"MOP_RAY_FAULT_EXIT": f"1:select:{tmp_path / 'select.marker'}"}  # round 2's stage, selecting layer 1
