@@ -540,7 +540,8 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
     t0 = time.time()
     params = select_params(job)
     method = get_method(job.method)
-    gpu = method.needs_weights and int(ray.cluster_resources().get("GPU", 0)) > 0
+    # on GPUs where the stages were (an autoscaler starts one for them), else where the cluster has some now
+    gpu = method.needs_weights and (bool(job.stage_gpus) or int(ray.cluster_resources().get("GPU", 0)) > 0)
     opts = {"num_cpus": 0.5, "num_gpus": 1 if gpu else 0}
     chosen = dict(chosen or {})
     in_stages = len(chosen)
