@@ -548,11 +548,16 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
     if live is not None:
         refs = [actor.select.remote(selection_contexts(job, ckpt, st.layers), job.method, job.keep)
                 for st, actor in zip(live.stages, live.actors)]
-        try:
-            chosen.update({res[0]: res for part in ray.get(refs) for res in part})
-            in_stages = len(chosen)
-        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
-            log(f"select: a stage was lost ({type(e).__name__}); selecting in tasks instead")
+        for st, ref in zip(live.stages, refs):  # the other stages' choices stand when one is lost
+            try:
+                chosen.update({res[0]: res for res in ray.get(ref)})
+            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.NodeDiedError) as e:
+                log(f"select: the stage holding layers {st.layers[0]}-{st.layers[-1]} was lost "
+                    f"({type(e).__name__}); selecting its layers in tasks instead")
+        in_stages = len(chosen)
+        if in_stages < len(ckpt.moe_layers):
+            live.close()  # the placement group's GPUs for the tasks (a cluster without spare GPUs waits forever)
     todo = [i for i in ckpt.moe_layers if i not in chosen]
     if todo:
         refs = [select_layer_task.options(**opts).remote(str(run), ctx, job.method, job.keep)

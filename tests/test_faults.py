@@ -93,8 +93,9 @@ def test_a_stage_lost_in_a_middle_round_restarts_that_round(tiny_models, tmp_pat
 
 
 def test_a_stage_lost_while_selecting_after_or_beside_observe(tiny_models, tmp_path, ray_local):
-    """Selecting after observe (select_early=False), the stage selecting layer 2 dies: its layers go to tasks.
-    Selecting beside observe, stage 0 (layers 0-1) dies in its worker thread selecting layer 1 while stage 1
+    """Selecting after observe (select_early=False), the stage selecting layer 2 dies: its layers go to tasks, the
+    other stage's choice stands, and the tasks get the GPUs the stages held (two fake GPUs, both the stages'; before,
+    the tasks waited for a GPU forever). Selecting beside observe, stage 0 (layers 0-1) dies in its worker thread selecting layer 1 while stage 1
     still observes layer 2: depending on when the process goes, observe restarts with fresh stages or the select
     phase hands the stage's layers to tasks. Both outputs equal an undisturbed run's. The undisturbed run and
     the one losing a stage beside observe write shards while the stages select (``ShardsAhead``)."""
@@ -110,10 +111,19 @@ def test_a_stage_lost_while_selecting_after_or_beside_observe(tiny_models, tmp_p
 
     logs = []
     env = {"MOP_RAY_FAULT_EXIT": f"2:select:{tmp_path / 'after.marker'}"}
-    hit = run(small_job(model, tmp_path / "after", extra={"fault_env": env}, select_early=False, **kw), log=logs.append)
+    ray_local.shutdown()
+    ray_local.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        hit = run(small_job(model, tmp_path / "after", extra={"fault_env": env}, select_early=False, **kw),
+                  log=logs.append)
+    finally:
+        ray_local.shutdown()  # the next test's Ray has no GPUs
     assert (tmp_path / "after.marker").exists()
-    assert any("selecting in tasks instead" in line for line in logs), logs
-    assert phases("after")["select"]["in"] == "tasks" and phases("after")["write"]["written_ahead"] == []
+    assert any("holding layers 2-2 was lost (ActorDiedError); selecting its layers in tasks" in m for m in logs), logs
+    moe = Checkpoint(model).moe_layers
+    assert phases("after")["select"]["in"] == f"stages and tasks ({len(moe) - 1} of {len(moe)} layers in the stages)"
+    assert phases("after")["write"]["written_ahead"] == []
+    assert all(len(p["gpus"]) == 1 for p in phases("after")["observe"]["placement"])  # the stages held both GPUs
     assert hit["keep_map"] == calm["keep_map"]
     assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "after")
 
@@ -121,7 +131,7 @@ def test_a_stage_lost_while_selecting_after_or_beside_observe(tiny_models, tmp_p
     env = {"MOP_RAY_FAULT_EXIT": f"1:select:{tmp_path / 'beside.marker'}"}
     hit = run(small_job(model, tmp_path / "beside", extra={"fault_env": env}, **kw), log=logs.append)
     assert (tmp_path / "beside.marker").exists()
-    assert any("restarting the phase" in line or "selecting in tasks instead" in line for line in logs), logs
+    assert any("restarting the phase" in line or "selecting its layers in tasks" in line for line in logs), logs
     assert hit["keep_map"] == calm["keep_map"]
     assert shard_bytes(tmp_path / "calm") == shard_bytes(tmp_path / "beside")
     assert not (tmp_path / "beside.run" / "shards").exists() and not list(tmp_path.glob(".beside*"))
