@@ -110,8 +110,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   f"({args.gpu_memory * 2**30 / 1e9:.1f} GB) GPU: {len(stages)}, one GPU each")
         print(describe(stages, ckpt))
         if len(rounds) > 1:
+            from actors.disk_space import boundary_bytes
+            from mop_ray.checkpoint.writer import human_size
+
             print(f"on {args.gpus} GPU(s): {len(rounds)} rounds of {', '.join(map(str, rounds))} stages "
-                  f"(what `mop-ray prune --stages {len(stages)}` does on a cluster with that many GPUs)")
+                  f"(what `mop-ray prune --stages {len(stages)}` does on a cluster with that many GPUs); the hidden "
+                  f"states between rounds take up to {human_size(boundary_bytes(args, ckpt, len(rounds)))} of disk "
+                  "in the run directory")
     return 0
 
 

@@ -166,6 +166,7 @@ def test_plan_command(tiny_models, capsys):
 
 
 def test_plan_for_a_gpu_size_takes_the_fewest_stages_that_fit(tiny_models, capsys):
+    from mop_ray.checkpoint.writer import human_size
     from mop_ray.cli import main
 
     model = str(tiny_models["deepseek_v3"])
@@ -188,7 +189,12 @@ def test_plan_for_a_gpu_size_takes_the_fewest_stages_that_fit(tiny_models, capsy
 
     # on fewer GPUs than stages: the rounds, each taking its own waves (one stage at a time: one wave, larger)
     assert main(["plan", "--model", model, "--stages", "3", "--gpus", "2"]) == 0
-    assert "on 2 GPU(s): 2 rounds of 2, 1 stages" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "on 2 GPU(s): 2 rounds of 2, 1 stages" in out
+    one = 262144 * Checkpoint(model).config["hidden_size"] * 4  # one boundary: every token's hidden state, float32
+    assert f"the hidden states between rounds take up to {human_size(one)} of disk" in out
+    assert main(["plan", "--model", model, "--stages", "3", "--gpus", "1"]) == 0  # 3 rounds: two boundaries at once
+    assert f"take up to {human_size(2 * one)} of disk" in capsys.readouterr().out
     assert main(["plan", "--model", model, "--stages", "3", "--gpus", "1", "--json"]) == 0
     assert max(s["memory_bytes"] for s in json.loads(capsys.readouterr().out)) > three
     assert main(["plan", "--model", model, "--gpu-memory", repr(three / 2**30), "--gpus", "1", "--json"]) == 2
