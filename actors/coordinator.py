@@ -149,6 +149,10 @@ def stages_at_once(job: PruneJob, n_stages: int) -> int:
     return gpus if job.stage_gpus is None and 0 < gpus < n_stages else n_stages
 
 
+# how long the stages wait for their GPUs: an autoscaler starting cloud GPU nodes can take most of it
+PLACEMENT_WAIT_S = float(os.environ.get("MOP_RAY_PLACEMENT_WAIT_S", 1800))
+
+
 def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int], log,
                  which: slice | None = None) -> "LiveStages":
     """Create the stage actors (asynchronously: they load their layers while the caller goes on); they record
@@ -171,9 +175,10 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
     else:
         bundle, actor_res = {"CPU": 0.1}, {"num_cpus": 0.1}
     pg = placement_group([bundle] * len(stages), strategy="PACK")
-    if not pg.wait(timeout_seconds=600):
-        raise MopError(f"could not reserve {len(stages)} x {bundle} for the stages within 10 minutes; "
-                       f"cluster has {ray.cluster_resources()}")
+    if not pg.wait(timeout_seconds=PLACEMENT_WAIT_S):
+        ray.util.remove_placement_group(pg)  # an autoscaler would otherwise go on starting nodes for it
+        raise MopError(f"could not reserve {len(stages)} x {bundle} for the stages within {PLACEMENT_WAIT_S:g} s "
+                       f"(MOP_RAY_PLACEMENT_WAIT_S); cluster has {ray.cluster_resources()}")
     Shard = ray.remote(max_restarts=0, concurrency_groups={"poll": 1})(LayerShardWorker)
     runtime_env = {"env_vars": job.extra["fault_env"]} if job.extra.get("fault_env") else None
     actors = []

@@ -263,6 +263,23 @@ def test_stage_gpus_without_gpus_on_a_local_ray_fails_at_once(tiny_models, tmp_p
     assert not out.exists() and not Path(str(out) + ".run").exists()
 
 
+def test_gpus_that_never_come_fail_after_the_placement_wait(tiny_models, tmp_path, ray_local, monkeypatch):
+    """A cluster (not started by mop-ray: an autoscaler may add GPUs) that never gives the stages their GPUs: after
+    MOP_RAY_PLACEMENT_WAIT_S one line naming the wait, and the request is withdrawn (an autoscaler would otherwise
+    go on starting nodes for it)."""
+    from ray.util.placement_group import placement_group_table
+
+    from actors.coordinator import run
+    from conftest import small_job
+
+    monkeypatch.setattr("actors.coordinator.PLACEMENT_WAIT_S", 2)
+    with pytest.raises(MopError, match=r"could not reserve 1 x \{'GPU': 1, 'CPU': 0.1\} for the stages within 2 s "
+                                       r"\(MOP_RAY_PLACEMENT_WAIT_S\)"):
+        run(small_job(tiny_models["mixtral"], tmp_path / "o", stage_gpus=1), log=lambda *_: None)
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+    assert not (tmp_path / "o").exists()
+
+
 def test_sample_too_large_for_selection_fails_before_calibrating(tiny_models, tmp_path, capsys, monkeypatch):
     """The per-layer products of --sample are sized up front: over the budget, one line and nothing written."""
     monkeypatch.setattr("actors.coordinator.SELECT_MEMORY_GB", 0.001)
