@@ -573,8 +573,8 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
     results = [chosen[i] for i in ckpt.moe_layers]
     if method.combine is not None:  # a cross-layer stage (C-Prune global) picks the final ids of every layer
         # numpy over every layer's pooled outputs: no GPU (the stages may still hold every one of them)
-        results = ray.get(combine_layers_task.options(num_cpus=0.5).remote(str(ckpt.path), job.method, results, job.keep,
-                                                                           params))
+        combine = combine_layers_task.options(num_cpus=0.5)
+        results = ray.get(combine.remote(str(ckpt.path), job.method, results, job.keep, params))
     keep, scores, details = {}, {}, {}
     for layer, kept, sc, det in results:
         keep[layer], scores[str(layer)], details[str(layer)] = kept, sc, det

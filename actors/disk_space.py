@@ -83,9 +83,9 @@ def check_disk_space(job, ckpt: Checkpoint, rounds: int = 1) -> tuple[int, int]:
         what = f"the records of {len(todo)} MoE layers ({rows} sampled rows each, --sample)"
         if between:
             what += f", the hidden states between its {rounds} rounds ({human_size(between)})"
+        lower = "--sample or --tokens" if between else "--sample"
         raise MopError(f"--run-dir {run_dir}: {what}{' and the pruned checkpoint' if same else ''} need "
-                       f"{human_size(need)} there but {human_size(free)} are free; lower --sample{' or --tokens' if between else ''} "
-                       "or use a larger disk")
+                       f"{human_size(need)} there but {human_size(free)} are free; lower {lower} or use a larger disk")
     if not same and output * MARGIN > (free := shutil.disk_usage(_existing(out.parent)).free):
         raise MopError(f"--out {out}: the pruned checkpoint needs {human_size(output * MARGIN)} but only "
                        f"{human_size(free)} are free there")

@@ -363,7 +363,7 @@ def test_stages_in_rounds_need_room_for_the_hidden_states_they_hand_on(tiny_mode
     job = PruneJob(model=str(ckpt.path), out=str(tmp_path / "o"), method="frequency", keep=4, tokens=4096, seq_len=32,
                    sample=1024)
     one = 4096 * int(ckpt.config["hidden_size"]) * 4  # the tiny model's float32
-    assert (boundary_bytes(job, ckpt, 1), boundary_bytes(job, ckpt, 2), boundary_bytes(job, ckpt, 5)) == (0, one, 2 * one)
+    assert [boundary_bytes(job, ckpt, rounds) for rounds in (1, 2, 5)] == [0, one, 2 * one]
     records, output = check_disk_space(job, ckpt)
     usage = namedtuple("usage", "total used free")
     free = int((records + output) * 1.06)  # room for records and output only
