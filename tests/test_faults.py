@@ -97,8 +97,9 @@ def test_a_stage_lost_while_selecting_after_or_beside_observe(tiny_models, tmp_p
     other stage's choice stands, and the tasks get the GPUs the stages held (two fake GPUs, both the stages'; before,
     the tasks waited for a GPU forever). Selecting beside observe, stage 0 (layers 0-1) dies in its worker thread
     selecting layer 1 while stage 1 still observes layer 2: depending on when the process goes, observe restarts
-    with fresh stages or the select phase hands the stage's layers to tasks. Both outputs equal an undisturbed run's. The undisturbed run and
-    the one losing a stage beside observe write shards while the stages select (``ShardsAhead``)."""
+    with fresh stages or the select phase hands the stage's layers to tasks. Both outputs equal an undisturbed
+    run's. The undisturbed run and the one losing a stage beside observe write shards while the stages select
+    (``ShardsAhead``)."""
     model = tiny_models["deepseek_v3"]
     kw = dict(stages=2, method="mop", max_shard_size="100KB")
 
