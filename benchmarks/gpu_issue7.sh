@@ -25,6 +25,9 @@
 #   bash benchmarks/gpu_issue7.sh rounds [LAYERS] # the mixtral job (LAYERS layers, default 8) with 2 stages on one
 #                                                 # GPU: 2 rounds
 #   bash benchmarks/gpu_issue7.sh tests           # the tests that need a GPU
+#   bash benchmarks/gpu_issue7.sh next [SECONDS]  # what is still unmeasured, most wanted first (rounds 2, mixtral 1,
+#                                                 # tests, imports 1, profile), each started only while 150 s of
+#                                                 # SECONDS (default 540) are left: one call for a short GPU window
 #   bash benchmarks/gpu_issue7.sh startup         # the machine's bytecode state (mop_ray.bytecode), the imports of a
 #                                                 # driver and a stage with and without the cache, then the mixtral
 #                                                 # job with the cache off (MOP_RAY_PYCACHE=0) and on
@@ -34,7 +37,7 @@
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | ab BASE [ROUNDS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | imports [ROUNDS] | rounds [LAYERS] | tests | startup}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | ab BASE [ROUNDS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | imports [ROUNDS] | rounds [LAYERS] | tests | startup | next [SECONDS]}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
@@ -184,6 +187,13 @@ print(sys.argv[1].rsplit("/", 1)[-1], "total", r["wall_s"], "calibrate", r["timi
       "observe", r["timings"]["observe_s"])
 PY
     done ;;
+  next)  # [SECONDS] (default 540): what is still unmeasured, most wanted first, while time is left
+    budget=${2:-540}
+    for s in "rounds 2" "mixtral 1" "tests" "imports 1" "profile"; do
+      if [ "$SECONDS" -ge $((budget - 150)) ]; then echo "next: skipped '$s' (${SECONDS}s of ${budget}s gone)"; continue; fi
+      echo "next: $s (at ${SECONDS}s)"
+      bash "$0" $s || echo "next: '$s' failed"
+    done ;;
   *)
-    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, ab, deepseek, scaling, first-call, profile, kernels, read, ram, tests or startup" >&2; exit 2 ;;
+    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, ab, deepseek, scaling, first-call, profile, kernels, read, ram, imports, rounds, tests, startup or next" >&2; exit 2 ;;
 esac
