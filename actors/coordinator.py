@@ -20,7 +20,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from actors.cluster import check_reachable, connect, default_stages, started_locally
+from actors.cluster import check_reachable, cluster_gpus, connect, default_stages, started_locally
 from actors.disk_space import check_disk_space
 from actors.early_writes import EarlyChoices, shards_ahead
 from actors.layer_shard import LayerShardWorker
@@ -145,10 +145,12 @@ def stages_at_once(job: PruneJob, n_stages: int) -> int:
         if job.stages_at_once < 1:
             raise MopError(f"--stages-at-once {job.stages_at_once}: expected at least 1")
         return min(job.stages_at_once, n_stages)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = cluster_gpus()
     return gpus if job.stage_gpus is None and 0 < gpus < n_stages else n_stages
 
 
+# what Ray raises when a stage actor or its node is gone
+STAGE_LOST = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError)
 # how long the stages wait for their GPUs: an autoscaler starting cloud GPU nodes can take most of it
 PLACEMENT_WAIT_S = float(os.environ.get("MOP_RAY_PLACEMENT_WAIT_S", 1800))
 
@@ -168,7 +170,7 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
     if which is None or which.start == 0:
         log(describe(stages, ckpt))
     stages = stages[which] if which is not None else stages
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = cluster_gpus()
     stage_gpus = job.stage_gpus if job.stage_gpus is not None else int(gpus >= len(stages))
     if stage_gpus:  # an autoscaling cluster with no GPU node yet starts GPU nodes for these bundles
         bundle, actor_res = {"GPU": stage_gpus, "CPU": 0.1}, {"num_gpus": stage_gpus, "num_cpus": 0.1}
@@ -261,14 +263,18 @@ def observe(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifes
     for attempt in range(1, job.max_attempts + 1):
         try:
             return _observe_once(job, ckpt, calib, run, manifest, log, started if attempt == 1 else None, on_selected)
-        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError,
-                round_state.InputsLost) as e:  # the last: rounds restart at the last round whose inputs were saved
+        except (*STAGE_LOST, round_state.InputsLost) as e:  # the last: rounds restart at the last saved round
             if attempt == job.max_attempts:
                 raise MopError(f"observe: a stage was lost {attempt} times; last: {str(e).strip().splitlines()[0]}") from None
             why = str(e) if isinstance(e, round_state.InputsLost) else f"a stage was lost ({type(e).__name__})"
             log(f"observe: {why}; restarting the phase (attempt {attempt + 1})")
-            for tmp in run.glob("records/layer=*/.sample.*.arrow"):
-                tmp.unlink(missing_ok=True)
+            drop_partial_samples(run)
+
+
+def drop_partial_samples(run: Path) -> None:
+    """The sample files a lost attempt left half-written (a complete one is renamed into place)."""
+    for tmp in run.glob("records/layer=*/.sample.*.arrow"):
+        tmp.unlink(missing_ok=True)
 
 
 def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: Manifest, log,
@@ -357,19 +363,25 @@ def begin_stages(job: PruneJob, ckpt: Checkpoint, live: LiveStages, sources: lis
         live.early = EarlyChoices(live.actors, [[i for i in st.layers if i in moe] for st in live.stages], on_selected, log)
 
 
-def select_in_round(job: PruneJob, ckpt: Checkpoint, live: LiveStages, on_selected, log) -> dict:
-    """The round's stages select their MoE layers before they go (those selected beside the waves return at
-    once): the weights are in their memory, where selection tasks after observe would read every layer again.
-    -> {layer: result}; a stage lost here leaves its layers to the select phase's tasks."""
+def select_in_stages(job: PruneJob, ckpt: Checkpoint, live: LiveStages, log, when: str = "") -> dict:
+    """The live stages select their MoE layers with the weights in their memory (those selected beside the waves
+    return at once) -> {layer: result}; a stage lost meanwhile leaves its layers to tasks, the others' stand."""
     refs = [(st, a.select.remote(selection_contexts(job, ckpt, st.layers), job.method, job.keep))
             for st, a in zip(live.stages, live.actors)]
     chosen = {}
     for st, ref in refs:
         try:
             chosen.update({res[0]: res for res in ray.get(ref)})
-        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as e:
-            log(f"select: the stage holding layers {st.layers[0]}-{st.layers[-1]} was lost after its round "
-                f"({type(e).__name__}); its layers are selected in tasks")
+        except STAGE_LOST as e:
+            log(f"select: the stage holding layers {st.layers[0]}-{st.layers[-1]} was lost{when} "
+                f"({type(e).__name__}); selecting its layers in tasks instead")
+    return chosen
+
+
+def select_in_round(job: PruneJob, ckpt: Checkpoint, live: LiveStages, on_selected, log) -> dict:
+    """The round's stages select their MoE layers before they go: the weights are in their memory, where selection
+    tasks after observe would read every layer again. -> {layer: result}; each is offered to ``on_selected``."""
+    chosen = select_in_stages(job, ckpt, live, log, when=" after its round")
     if on_selected is not None:  # deferred layers too (offering a layer twice starts nothing twice)
         for layer, res in chosen.items():
             try:
@@ -430,7 +442,7 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
         layers.update(saved["layers"])
         stages, where = list(saved["stages"]), list(saved["placement"])
         chosen = round_state.chosen_from(saved, job.method, job.keep)
-        carried = [ray.put(h) for h in round_state.load_hidden(run, first, waves)]
+        carried = round_state.put_hidden(run, first, waves)
         log(f"observe: resuming after stage {first - 1} (layers 0-{plan[first - 1][-1]} recorded"
             f"{', selected' if chosen else ''})")
     rounds = [slice(r, r + at_once) for r in range(first, n_plan, at_once)]
@@ -445,7 +457,7 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                 if attempt > 1 and which.start:  # the saved copy of the round's inputs, in case a lost node held them
                     saver.wait()
                     if (round_state.resume_point(run, manifest, plan) or {}).get("stages_done") == which.start:
-                        carried = [ray.put(h) for h in round_state.load_hidden(run, which.start, waves)]
+                        carried = round_state.put_hidden(run, which.start, waves)
                         log(f"observe: round {r + 1}: its inputs from {round_state.boundary_dir(run, which.start)}")
                     else:  # not saved: the object store's copy may have gone with the stage's node
                         raise round_state.InputsLost(f"round {r + 1}: its inputs were not saved")
@@ -495,8 +507,7 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                                        f"{str(e).strip().splitlines()[0]}") from None
                     log(f"observe: round {r + 1}: a stage was lost ({type(e).__name__}); restarting the round "
                         f"(attempt {attempt + 1})")
-                    for tmp in run.glob("records/layer=*/.sample.*.arrow"):
-                        tmp.unlink(missing_ok=True)
+                    drop_partial_samples(run)
                 finally:
                     live.close()
     finally:
@@ -546,20 +557,12 @@ def select_phase(job: PruneJob, ckpt: Checkpoint, run: Path, manifest: Manifest,
     params = select_params(job)
     method = get_method(job.method)
     # on GPUs where the stages were (an autoscaler starts one for them), else where the cluster has some now
-    gpu = method.needs_weights and (bool(job.stage_gpus) or int(ray.cluster_resources().get("GPU", 0)) > 0)
+    gpu = method.needs_weights and (bool(job.stage_gpus) or cluster_gpus() > 0)
     opts = {"num_cpus": 0.5, "num_gpus": 1 if gpu else 0}
     chosen = dict(chosen or {})
     in_stages = len(chosen)
     if live is not None:
-        refs = [actor.select.remote(selection_contexts(job, ckpt, st.layers), job.method, job.keep)
-                for st, actor in zip(live.stages, live.actors)]
-        for st, ref in zip(live.stages, refs):  # the other stages' choices stand when one is lost
-            try:
-                chosen.update({res[0]: res for res in ray.get(ref)})
-            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError,
-                    ray.exceptions.NodeDiedError) as e:
-                log(f"select: the stage holding layers {st.layers[0]}-{st.layers[-1]} was lost "
-                    f"({type(e).__name__}); selecting its layers in tasks instead")
+        chosen.update(select_in_stages(job, ckpt, live, log))
         in_stages = len(chosen)
         if in_stages < len(ckpt.moe_layers):
             live.close()  # the placement group's GPUs for the tasks (a cluster without spare GPUs waits forever)
@@ -624,7 +627,7 @@ def run(job: PruneJob, log=print) -> dict:
     n_stages = plan_size(job, ckpt)
     at_once = stages_at_once(job, n_stages)
     need = (job.stage_gpus or 0) * at_once  # the stages that run at once
-    have = int(ray.cluster_resources().get("GPU", 0))
+    have = cluster_gpus()
     if need and started_locally() and have < need:
         raise MopError(f"--stage-gpus {job.stage_gpus}: the stages need {need} GPUs but this machine's Ray has {have} "
                        "and no autoscaler; lower --stages or --stages-at-once, or drop stage-gpus")

@@ -33,12 +33,13 @@ def resume_point(run: Path, manifest, plan: list[list[int]]) -> dict | None:
     return state
 
 
-def load_hidden(run: Path, stages_done: int, waves: list[list[int]]) -> list[list]:
-    """Each wave's micro-batch hidden states [B, L, H] (host tensors) saved once ``stages_done`` stages had run."""
+def put_hidden(run: Path, stages_done: int, waves: list[list[int]]) -> list:
+    """The hidden states saved once ``stages_done`` stages had run, into the object store: per wave, one ref to its
+    micro-batches' [B, L, H] host tensors (what the round's first stage takes)."""
     from safetensors.torch import load_file
 
     d = boundary_dir(run, stages_done)
-    return [[load_file(d / f"mb-{mb:05d}.safetensors")["h"] for mb in wave] for wave in waves]
+    return [ray.put([load_file(d / f"mb-{mb:05d}.safetensors")["h"] for mb in wave]) for wave in waves]
 
 
 def chosen_from(state: dict, method: str, keep: int) -> dict:
