@@ -6,6 +6,7 @@ written again."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -20,7 +21,7 @@ def random_keep(ckpt: Checkpoint, r: int, seed: int) -> dict[int, list[int]]:
     return {i: sorted(int(e) for e in rng.choice(ckpt.num_experts, r, replace=False)) for i in ckpt.moe_layers}
 
 
-def layout(ckpt: Checkpoint, keep: dict, size: str = "100KB") -> list:
+def layout(ckpt: Checkpoint, keep: dict, size: str | int = "100KB") -> list:
     return [[(t.name, t.dtype, tuple(t.shape), t.nbytes) for t in shard]
             for shard in plan_output(ckpt, keep, parse_size(size))]
 
@@ -53,6 +54,37 @@ def test_the_shard_layout_does_not_depend_on_which_experts_are_kept(tiny_models,
         assert layers[-1][0] == ckpt.num_layers - 1 == max(ckpt.moe_layers)
 
 
+def test_the_last_moe_layer_is_spread_over_shards_of_about_equal_size(tiny_models, family, monkeypatch):
+    """Its shards are the only ones written after the last selection: up to ``TAIL_SHARDS`` of them, written side
+    by side, cut between tensors; every other layer keeps one shard."""
+    from mop_ray.checkpoint import writer
+
+    ckpt = Checkpoint(tiny_models[family])
+    keep = {i: list(range(4)) for i in ckpt.moe_layers}
+    last = max(ckpt.moe_layers)
+    per_layer = Counter()
+    for t in writer.plan_tensors(ckpt, keep):
+        per_layer[ckpt.layer_of(t.name)] += t.nbytes
+    size = max(per_layer.values())  # a shard limit every layer fits in, below the whole output
+
+    def plan():
+        shards = plan_output(ckpt, keep, size)
+        return shards, [{ckpt.layer_of(t.name) for t in shard} for shard in shards]
+
+    monkeypatch.setattr(writer, "TAIL_MIN_BYTES", per_layer[last] // 3)  # room for three parts
+    shards, held = plan()
+    assert all(len(layers) == 1 for layers in held)
+    assert [held.count({i}) for i in sorted(per_layer, key=lambda j: -1 if j is None else j)] == \
+        [1] * (len(per_layer) - 1) + [3]
+    sizes = [sum(t.nbytes for t in shard) for shard, layers in zip(shards, held) if layers == {last}]
+    assert sum(sizes) == per_layer[last] and max(sizes) < per_layer[last] / 2  # no part holds most of the layer
+    for seed in range(3):  # still the same whichever experts are kept
+        assert layout(ckpt, random_keep(ckpt, 4, seed), size) == layout(ckpt, keep, size)
+
+    monkeypatch.setattr(writer, "TAIL_MIN_BYTES", per_layer[last] + 1)  # a layer smaller than one part: one shard
+    assert plan()[1].count({last}) == 1
+
+
 def local_submit(pool: ThreadPoolExecutor, submitted: list, fail: set = frozenset()):
     def submit(directory, index, count, tensors) -> Future:
         submitted.append(index)
@@ -64,7 +96,11 @@ def local_submit(pool: ThreadPoolExecutor, submitted: list, fail: set = frozense
     return submit
 
 
-def test_shards_start_once_their_layers_are_chosen_and_equal_a_write_after_selection(tiny_models, tmp_path):
+def test_shards_start_once_their_layers_are_chosen_and_equal_a_write_after_selection(tiny_models, tmp_path,
+                                                                                     monkeypatch):
+    from mop_ray.checkpoint import writer
+
+    monkeypatch.setattr(writer, "TAIL_MIN_BYTES", 1)  # the last layer in TAIL_SHARDS shards, started together
     ckpt = Checkpoint(tiny_models["deepseek_v3"])  # dense layer 0, MoE layers 1-2, an MTP layer (dropped)
     first, second = ckpt.moe_layers
     keep = random_keep(ckpt, 4, 0)
@@ -76,7 +112,7 @@ def test_shards_start_once_their_layers_are_chosen_and_equal_a_write_after_selec
         assert started == [i for i, layers in enumerate(ahead.layers) if layers <= {first}]
         assert any(not layers for layers in ahead.layers) and any(second in layers for layers in ahead.layers)
         assert ahead.offer(first, keep[first]) == []  # offered again (a restarted observe): nothing starts twice
-        ahead.offer(second, keep[second])
+        assert len(ahead.offer(second, keep[second])) >= writer.TAIL_SHARDS
         assert sorted(submitted) == list(range(shards))
 
         final = {**keep, second: random_keep(ckpt, 4, 1)[second]}  # layer 2 chosen again, differently
