@@ -25,9 +25,12 @@
 #   bash benchmarks/gpu_issue7.sh rounds [LAYERS] # the mixtral job (LAYERS layers, default 8) with 2 stages on one
 #                                                 # GPU: 2 rounds
 #   bash benchmarks/gpu_issue7.sh tests           # the tests that need a GPU
+#   bash benchmarks/gpu_issue7.sh layers ["N M"]  # the mixtral job at N and M layers (default "12 8"), one checkpoint
+#                                                 # on the disk at a time, outputs and run dirs on /dev/shm
 #   bash benchmarks/gpu_issue7.sh next [SECONDS]  # what is still unmeasured, most wanted first (rounds 2, mixtral 1,
-#                                                 # tests, imports 1, profile), each started only while 150 s of
-#                                                 # SECONDS (default 540) are left: one call for a short GPU window
+#                                                 # layers, tests, imports 1, profile), each started only while 150 s
+#                                                 # of SECONDS (default 540) are left; a later call on the same warm
+#                                                 # machine goes on where the last stopped
 #   bash benchmarks/gpu_issue7.sh startup         # the machine's bytecode state (mop_ray.bytecode), the imports of a
 #                                                 # driver and a stage with and without the cache, then the mixtral
 #                                                 # job with the cache off (MOP_RAY_PYCACHE=0) and on
@@ -37,7 +40,7 @@
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | ab BASE [ROUNDS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | imports [ROUNDS] | rounds [LAYERS] | tests | startup | next [SECONDS]}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | ab BASE [ROUNDS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | imports [ROUNDS] | rounds [LAYERS] | layers [COUNTS] | tests | startup | next [SECONDS]}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
@@ -187,13 +190,34 @@ print(sys.argv[1].rsplit("/", 1)[-1], "total", r["wall_s"], "calibrate", r["timi
       "observe", r["timings"]["observe_s"])
 PY
     done ;;
-  next)  # [SECONDS] (default 540): what is still unmeasured, most wanted first, while time is left
+  layers)  # ["COUNTS"] (default "12 8"): the mixtral job at several layer counts, one checkpoint on the disk at a
+    # time (each made when its turn comes, the others removed), run dirs and outputs in $WORK (default /dev/shm/mopw
+    # where it has room, else $D/work): how the fixed start-up weighs against the floor as the layers grow
+    mixture
+    for n in ${2:-12 8}; do
+      for m in "$D"/mx[0-9]*; do [ "$m" = "$D/mx$n" ] || rm -rf "$m"; done
+      model "$n"
+      work=${WORK:-/dev/shm/mopw}
+      mkdir -p "$work" 2>/dev/null && [ "$(df -Pk "$work" | awk 'NR==2 {print $4}')" -gt $((n * 3000000)) ] ||
+        work=$D/work
+      python benchmarks/speed.py --model "$D/mx$n" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
+        --seq-len 2048 --sample 65536 --work "$work" --out-json "$OUT/speed-mixtral-${n}l-layers$TAG.json" \
+        > "$OUT/speed-mixtral-${n}l-layers$TAG.md" 2>&1
+      echo "layers $n (work in $work):"
+      grep -E "\| (total|observe|write) \||^Whole job|^Critical path" "$OUT/speed-mixtral-${n}l-layers$TAG.md" ||
+        tail -20 "$OUT/speed-mixtral-${n}l-layers$TAG.md"
+      rm -rf "$work"
+    done ;;
+  next)  # [SECONDS] (default 540): what is still unmeasured, most wanted first, while time is left; a step that
+    # ran is written to $D/next.done and skipped by the next call on the same (still warm) machine
     budget=${2:-540}
-    for s in "rounds 2" "mixtral 1" "tests" "imports 1" "profile"; do
+    for s in "rounds 2" "mixtral 1" "layers" "tests" "imports 1" "profile"; do
+      if grep -qxF "$s" "$D/next.done" 2>/dev/null; then continue; fi
       if [ "$SECONDS" -ge $((budget - 150)) ]; then echo "next: skipped '$s' (${SECONDS}s of ${budget}s gone)"; continue; fi
       echo "next: $s (at ${SECONDS}s)"
+      echo "$s" >> "$D/next.done"
       bash "$0" $s || echo "next: '$s' failed"
     done ;;
   *)
-    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, ab, deepseek, scaling, first-call, profile, kernels, read, ram, imports, rounds, tests, startup or next" >&2; exit 2 ;;
+    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, ab, deepseek, scaling, first-call, profile, kernels, read, ram, imports, rounds, layers, tests, startup or next" >&2; exit 2 ;;
 esac
