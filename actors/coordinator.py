@@ -499,9 +499,9 @@ def _observe_rounds(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest:
                     break
                 except ray.exceptions.RayTaskError as e:
                     raise_stage_error(e)
-                except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
-                    # the earlier rounds' records, choices and output hidden states (in the object store, and saved
-                    # in the run directory) stand: only this round runs again
+                except STAGE_LOST as e:
+                    # the earlier rounds' records, choices and output hidden states (saved in the run directory, and
+                    # in the object store unless a lost node held them) stand: only this round runs again
                     if attempt == job.max_attempts:
                         raise MopError(f"observe: round {r + 1}: a stage was lost {attempt} times; last: "
                                        f"{str(e).strip().splitlines()[0]}") from None
