@@ -10,7 +10,8 @@
 #                                                 # rounds (default 2) after one job that fills the caches: a
 #                                                 # before/after on one machine, whichever card comes;
 #                                                 # its runs come back in one file, $OUT/ab$TAG.tar.gz
-#   bash benchmarks/gpu_issue7.sh scaling         # the same job on 1, 2, ... GPUs, up to the machine's count
+#   bash benchmarks/gpu_issue7.sh scaling         # the same job on 1, 2, ... GPUs, up to the machine's count, the
+#                                                 # page cache dropped (one disk for all) and warm (--page-cache)
 #   bash benchmarks/gpu_issue7.sh deepseek [RUNS] # DeepSeek-V3 shape, 1 dense + 1 MoE layer (27.9 GB), mop 256 -> 128,
 #                                                 # 131,072 tokens, sample 65,536: RUNS runs of speed.py (default 1)
 #   bash benchmarks/gpu_issue7.sh first-call      # a stage's first micro-batch calls, cold and after its warm-up
@@ -94,14 +95,16 @@ case $step in
       grep -E "\| (total|observe|select|write) \||^First wave|^Whole job" "$OUT/speed-dsv3-64k$TAG-$i.md" ||
         tail -20 "$OUT/speed-dsv3-64k$TAG-$i.md"
     done ;;
-  scaling)
+  scaling)  # each GPU count with the page cache dropped (the stages share one disk) and warm (the pipeline alone)
     mixture; model
     n=$(nvidia-smi -L | wc -l)
     gpus=$(for g in 1 2 4 8; do [ "$g" -le "$n" ] && printf '%s ' "$g"; done)
-    python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
-      --seq-len 2048 --sample 65536 --gpus $gpus --out-json "$OUT/speed-mixtral-8l-scaling-$n.json" \
-      > "$OUT/speed-mixtral-8l-scaling-$n.md" 2>&1
-    tail -30 "$OUT/speed-mixtral-8l-scaling-$n.md" ;;
+    for cache in cold warm; do
+      python benchmarks/speed.py --model "$D/mx8" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
+        --seq-len 2048 --sample 65536 --gpus $gpus --page-cache $cache \
+        --out-json "$OUT/speed-mixtral-8l-scaling-$n-$cache.json" > "$OUT/speed-mixtral-8l-scaling-$n-$cache.md" 2>&1
+      tail -30 "$OUT/speed-mixtral-8l-scaling-$n-$cache.md"
+    done ;;
   first-call)
     model 2
     python benchmarks/first_call.py --model "$D/mx2" --layers 1 --calls 6 --out-json "$OUT/first-call.json" \
