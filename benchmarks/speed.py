@@ -119,15 +119,16 @@ def resident_fraction(path: Path) -> float | None:
         return None
 
 
+def resident_share(paths: list[Path]) -> float | None:
+    """The byte-weighted fraction of the files in the page cache; None where ``mincore`` is unavailable."""
+    total = sum(p.stat().st_size for p in paths) or 1
+    fr = [(resident_fraction(p), p.stat().st_size) for p in paths]
+    return None if any(f is None for f, _ in fr) else sum(f * s for f, s in fr) / total
+
+
 def drop_cache(paths: list[Path]) -> dict:
     """fsync + POSIX_FADV_DONTNEED per file; -> {"resident_before", "resident_after"} (byte-weighted fractions)."""
-    total = sum(p.stat().st_size for p in paths) or 1
-
-    def resident():
-        fr = [(resident_fraction(p), p.stat().st_size) for p in paths]
-        return None if any(f is None for f, _ in fr) else sum(f * s for f, s in fr) / total
-
-    before = resident()
+    before = resident_share(paths)
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -138,7 +139,7 @@ def drop_cache(paths: list[Path]) -> dict:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    after = resident()
+    after = resident_share(paths)
     return {"resident_before": before, "resident_after": after,
             "dropped": None if after is None else after < 0.05}
 
@@ -148,22 +149,16 @@ def warm_cache(paths: list[Path], threads: int = 4, chunk: int = 64 << 20) -> di
     (byte-weighted fractions, as ``drop_cache``), "warmed": whether at least 95 % is resident after."""
     from concurrent.futures import ThreadPoolExecutor
 
-    total = sum(p.stat().st_size for p in paths) or 1
-
-    def resident():
-        fr = [(resident_fraction(p), p.stat().st_size) for p in paths]
-        return None if any(f is None for f, _ in fr) else sum(f * s for f, s in fr) / total
-
     def read(job):
         p, off = job
         with open(p, "rb", buffering=0) as f:
             f.seek(off)
             return len(f.read(chunk))
 
-    before = resident()
+    before = resident_share(paths)
     with ThreadPoolExecutor(threads) as pool:
         sum(pool.map(read, [(p, off) for p in paths for off in range(0, p.stat().st_size, chunk)]))
-    after = resident()
+    after = resident_share(paths)
     return {"resident_before": before, "resident_after": after, "warmed": None if after is None else after >= 0.95}
 
 
