@@ -145,14 +145,16 @@ PY
   rounds)  # [LAYERS] (default 8)
     n=${2:-8}; mixture; model "$n"
     python benchmarks/speed.py --model "$D/mx$n" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
-      --seq-len 2048 --sample 65536 --gpus 2 --out-json "$OUT/speed-mixtral-${n}l-rounds$TAG.json" \
+      --seq-len 2048 --sample 65536 --gpus 2 --stages-at-once 1 --out-json "$OUT/speed-mixtral-${n}l-rounds$TAG.json" \
       > "$OUT/speed-mixtral-${n}l-rounds$TAG.md" 2>&1
     grep -E "\| (total|observe|select|write) \||^Whole job|^Critical path|rounds?" "$OUT/speed-mixtral-${n}l-rounds$TAG.md" |
       head -20 || tail -20 "$OUT/speed-mixtral-${n}l-rounds$TAG.md" ;;
   tests)
     # the GPU-only tests (staged copies, CUDA graphs) and those whose numbers differ on a GPU (recorded products,
     # FP8 dequantized on the device, bf16 rows, selection beside the waves)
-    python -m pytest -q -p no:cacheprovider tests/test_arch.py tests/test_enu.py tests/test_fp8.py tests/test_warm_up.py \
+    # the bytecode cache set here, not by the tests' own Ray starts (conftest fails a test that changes it)
+    env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX="$D/pycache" \
+      python -m pytest -q -p no:cacheprovider tests/test_arch.py tests/test_enu.py tests/test_fp8.py tests/test_warm_up.py \
       tests/test_kernels.py \
       "tests/test_faults.py::test_a_stage_lost_while_selecting_after_or_beside_observe" \
       "tests/test_observe.py::test_a_bfloat16_stage_records_its_sample_as_exact_bfloat16_bits" \

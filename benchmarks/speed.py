@@ -981,10 +981,13 @@ def main(argv: list[str] | None = None) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     n_gpus = torch.cuda.device_count() if device == "cuda" else 0
-    bad = [g for g in args.gpus if g < 1 or g > ckpt.num_layers or (device == "cuda" and not args.address and g > n_gpus)]
+    rounds = bool(args.stages_at_once) and args.stages_at_once <= max(n_gpus, 1)  # more stages than GPUs: rounds
+    bad = [g for g in args.gpus if g < 1 or g > ckpt.num_layers
+           or (device == "cuda" and not args.address and not rounds and g > n_gpus)]
     if bad:
         print(f"speed: error: --gpus {bad}: each count must be 1..{ckpt.num_layers} (layers)"
-              + (f" and at most the {n_gpus} visible GPU(s)" if device == "cuda" else ""), file=sys.stderr)
+              + (f" and at most the {n_gpus} visible GPU(s) (more stages run in rounds with --stages-at-once)"
+                 if device == "cuda" else ""), file=sys.stderr)
         return 2
     if method.needs_weights:  # the set scorer's Gram budget (mop_ray.methods.products): refuse now, not after observe
         from mop_ray.methods.products import candidate_count
