@@ -54,14 +54,14 @@ def test_the_shard_layout_does_not_depend_on_which_experts_are_kept(tiny_models,
         assert layers[-1][0] == ckpt.num_layers - 1 == max(ckpt.moe_layers)
 
 
-def test_the_last_moe_layer_is_spread_over_shards_of_about_equal_size(tiny_models, family, monkeypatch):
-    """Its shards are the only ones written after the last selection: up to ``TAIL_SHARDS`` of them, written side
-    by side, cut between tensors; every other layer keeps one shard."""
+def test_the_last_moe_layers_are_spread_over_shards_of_about_equal_size(tiny_models, family, monkeypatch):
+    """Their shards are written when the waves are over: each of the last ``TAIL_LAYERS`` MoE layers in up to
+    ``TAIL_SHARDS`` shards, written side by side, cut between tensors; every other layer keeps one shard."""
     from mop_ray.checkpoint import writer
 
     ckpt = Checkpoint(tiny_models[family])
     keep = {i: list(range(4)) for i in ckpt.moe_layers}
-    last = max(ckpt.moe_layers)
+    tail = sorted(ckpt.moe_layers)[-writer.TAIL_LAYERS:]
     per_layer = Counter()
     for t in writer.plan_tensors(ckpt, keep):
         per_layer[ckpt.layer_of(t.name)] += t.nbytes
@@ -71,18 +71,19 @@ def test_the_last_moe_layer_is_spread_over_shards_of_about_equal_size(tiny_model
         shards = plan_output(ckpt, keep, size)
         return shards, [{ckpt.layer_of(t.name) for t in shard} for shard in shards]
 
-    monkeypatch.setattr(writer, "TAIL_MIN_BYTES", per_layer[last] // 3)  # room for three parts
+    monkeypatch.setattr(writer, "TAIL_MIN_BYTES", min(per_layer[i] for i in tail) // 3)  # room for three parts
     shards, held = plan()
     assert all(len(layers) == 1 for layers in held)
-    assert [held.count({i}) for i in sorted(per_layer, key=lambda j: -1 if j is None else j)] == \
-        [1] * (len(per_layer) - 1) + [3]
-    sizes = [sum(t.nbytes for t in shard) for shard, layers in zip(shards, held) if layers == {last}]
-    assert sum(sizes) == per_layer[last] and max(sizes) < per_layer[last] / 2  # no part holds most of the layer
+    order = sorted(per_layer, key=lambda j: -1 if j is None else j)
+    assert [held.count({i}) for i in order] == [3 if i in tail else 1 for i in order]
+    for i in tail:
+        sizes = [sum(t.nbytes for t in shard) for shard, layers in zip(shards, held) if layers == {i}]
+        assert sum(sizes) == per_layer[i] and max(sizes) < per_layer[i] / 2  # no part holds most of the layer
     for seed in range(3):  # still the same whichever experts are kept
         assert layout(ckpt, random_keep(ckpt, 4, seed), size) == layout(ckpt, keep, size)
 
-    monkeypatch.setattr(writer, "TAIL_MIN_BYTES", per_layer[last] + 1)  # a layer smaller than one part: one shard
-    assert plan()[1].count({last}) == 1
+    monkeypatch.setattr(writer, "TAIL_MIN_BYTES", max(per_layer.values()) + 1)  # layers below one part: one shard
+    assert [plan()[1].count({i}) for i in order] == [1] * len(order)
 
 
 def local_submit(pool: ThreadPoolExecutor, submitted: list, fail: set = frozenset()):
@@ -100,7 +101,7 @@ def test_shards_start_once_their_layers_are_chosen_and_equal_a_write_after_selec
                                                                                      monkeypatch):
     from mop_ray.checkpoint import writer
 
-    monkeypatch.setattr(writer, "TAIL_MIN_BYTES", 1)  # the last layer in TAIL_SHARDS shards, started together
+    monkeypatch.setattr(writer, "TAIL_MIN_BYTES", 1)  # the last layers in TAIL_SHARDS shards each, started together
     ckpt = Checkpoint(tiny_models["deepseek_v3"])  # dense layer 0, MoE layers 1-2, an MTP layer (dropped)
     first, second = ckpt.moe_layers
     keep = random_keep(ckpt, 4, 0)

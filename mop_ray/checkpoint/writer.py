@@ -32,8 +32,11 @@ from mop_ray.checkpoint.safetensors_io import OutTensor, TensorInfo, write_shard
 from mop_ray.errors import MopError
 
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
-# the last MoE layer's shards are the only ones written after the last selection (``ShardsAhead``): its bytes go
-# into up to TAIL_SHARDS shards of at least TAIL_MIN_BYTES, written side by side
+# the last TAIL_LAYERS MoE layers' shards are written when the job's waves are over (``ShardsAhead``: the last
+# layer's after its selection, the one before after a selection that ran beside the last layer's waves; a writer
+# hashes ~1.5 GB/s): each of these layers goes into up to TAIL_SHARDS shards of at least TAIL_MIN_BYTES, written
+# side by side
+TAIL_LAYERS = 2
 TAIL_SHARDS = 4
 TAIL_MIN_BYTES = 256 * 10**6
 NOT_COPIED = {"config.json", INDEX_NAME, "pruning.json"}
@@ -114,8 +117,8 @@ def plan_output(ckpt: Checkpoint, keep: dict[int, list[int]], max_shard_bytes: i
     """The output's shards: ``plan_tensors`` packed by ``plan_shards``; when it takes more than one shard, every
     decoder layer starts a shard of its own (the embedding, final norm and LM head come first, together), so a
     shard holds one layer at most and ``ShardsAhead`` can write each layer as soon as it is chosen — only the last
-    MoE layer's shards are left for after selection, so that layer is spread over up to ``TAIL_SHARDS`` shards,
-    written side by side (``_tail_cuts``)."""
+    MoE layers' shards are left for the end, so each of the last ``TAIL_LAYERS`` is spread over up to
+    ``TAIL_SHARDS`` shards, written side by side (``_tail_cuts``)."""
     tensors = plan_tensors(ckpt, keep)
     if sum(t.nbytes for t in tensors) <= max_shard_bytes:
         return plan_shards(tensors, max_shard_bytes)
@@ -128,19 +131,22 @@ def plan_output(ckpt: Checkpoint, keep: dict[int, list[int]], max_shard_bytes: i
 
 
 def _tail_cuts(ckpt: Checkpoint, tensors: list[OutTensor]) -> set[str]:
-    """The tensors that start the last MoE layer's 2nd, 3rd, ... shard: its bytes in up to ``TAIL_SHARDS`` parts
-    of about equal size and at least ``TAIL_MIN_BYTES`` each, cut between tensors (none for a small layer)."""
+    """The tensors that start the 2nd, 3rd, ... shard of each of the last ``TAIL_LAYERS`` MoE layers: a layer's
+    bytes in up to ``TAIL_SHARDS`` parts of about equal size and at least ``TAIL_MIN_BYTES`` each, cut between
+    tensors (none for a small layer)."""
     moe = set(ckpt.moe_layers)
-    last = max((layer for t in tensors if (layer := ckpt.layer_of(t.name)) in moe), default=None)
-    own = [t for t in tensors if ckpt.layer_of(t.name) == last]
-    total = sum(t.nbytes for t in own)
-    parts = max(1, min(TAIL_SHARDS, total // TAIL_MIN_BYTES))
-    cuts, size, nth = set(), 0, 1
-    for t in own:
-        if nth < parts and size >= nth * total / parts:
-            cuts.add(t.name)
-            nth += 1
-        size += t.nbytes
+    last = sorted({layer for t in tensors if (layer := ckpt.layer_of(t.name)) in moe})[-TAIL_LAYERS:]
+    cuts = set()
+    for layer in last:
+        own = [t for t in tensors if ckpt.layer_of(t.name) == layer]
+        total = sum(t.nbytes for t in own)
+        parts = max(1, min(TAIL_SHARDS, total // TAIL_MIN_BYTES))
+        size, nth = 0, 1
+        for t in own:
+            if nth < parts and size >= nth * total / parts:
+                cuts.add(t.name)
+                nth += 1
+            size += t.nbytes
     return cuts
 
 
