@@ -152,7 +152,7 @@ PY
   tests)
     # the GPU-only tests (staged copies, CUDA graphs) and those whose numbers differ on a GPU (recorded products,
     # FP8 dequantized on the device, bf16 rows, selection beside the waves)
-    # the bytecode cache set here, not by the tests' own Ray starts (conftest fails a test that changes it)
+    # the bytecode cache set for the session (tests/conftest.py does it too, in ~/.cache/mop-ray/pycache)
     env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX="$D/pycache" \
       python -m pytest -q -p no:cacheprovider tests/test_arch.py tests/test_enu.py tests/test_fp8.py tests/test_warm_up.py \
       tests/test_kernels.py \

@@ -12,6 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# On an install without compiled bytecode that cannot take it (PYTHONDONTWRITEBYTECODE, as on the lent GPU
+# machines), the cache mop-ray's own Ray start would set (mop_ray.bytecode), set once for the whole session: the
+# tests' jobs then find it set and change nothing (``_bytecode_settings_kept``). A no-op where packages are compiled.
+from mop_ray.bytecode import use_bytecode_cache  # noqa: E402
+
+use_bytecode_cache()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
