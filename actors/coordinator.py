@@ -170,8 +170,7 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
     if which is None or which.start == 0:
         log(describe(stages, ckpt))
     stages = stages[which] if which is not None else stages
-    gpus = cluster_gpus()
-    stage_gpus = job.stage_gpus if job.stage_gpus is not None else int(gpus >= len(stages))
+    stage_gpus = job.stage_gpus or 0  # decided once per run by ``run()``, never read off the cluster here
     if stage_gpus:  # an autoscaling cluster with no GPU node yet starts GPU nodes for these bundles
         bundle, actor_res = {"GPU": stage_gpus, "CPU": 0.1}, {"num_gpus": stage_gpus, "num_cpus": 0.1}
     else:

@@ -122,23 +122,21 @@ def plan_output(ckpt: Checkpoint, keep: dict[int, list[int]], max_shard_bytes: i
     tensors = plan_tensors(ckpt, keep)
     if sum(t.nbytes for t in tensors) <= max_shard_bytes:
         return plan_shards(tensors, max_shard_bytes)
-    firsts, seen = set(), set()
+    by_layer: dict[int, list[OutTensor]] = defaultdict(list)  # decoder layer -> its tensors, in output order
     for t in tensors:
-        if (layer := ckpt.layer_of(t.name)) is not None and layer not in seen:
-            seen.add(layer)
-            firsts.add(t.name)
-    return plan_shards(tensors, max_shard_bytes, firsts | _tail_cuts(ckpt, tensors))
+        if (layer := ckpt.layer_of(t.name)) is not None:
+            by_layer[layer].append(t)
+    firsts = {own[0].name for own in by_layer.values()}
+    return plan_shards(tensors, max_shard_bytes, firsts | _tail_cuts(ckpt, by_layer))
 
 
-def _tail_cuts(ckpt: Checkpoint, tensors: list[OutTensor]) -> set[str]:
+def _tail_cuts(ckpt: Checkpoint, by_layer: dict[int, list[OutTensor]]) -> set[str]:
     """The tensors that start the 2nd, 3rd, ... shard of each of the last ``TAIL_LAYERS`` MoE layers: a layer's
     bytes in up to ``TAIL_SHARDS`` parts of about equal size and at least ``TAIL_MIN_BYTES`` each, cut between
     tensors (none for a small layer)."""
-    moe = set(ckpt.moe_layers)
-    last = sorted({layer for t in tensors if (layer := ckpt.layer_of(t.name)) in moe})[-TAIL_LAYERS:]
     cuts = set()
-    for layer in last:
-        own = [t for t in tensors if ckpt.layer_of(t.name) == layer]
+    for layer in sorted(set(by_layer) & set(ckpt.moe_layers))[-TAIL_LAYERS:]:
+        own = by_layer[layer]
         total = sum(t.nbytes for t in own)
         parts = max(1, min(TAIL_SHARDS, total // TAIL_MIN_BYTES))
         size, nth = 0, 1
