@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 # Keep Ray on loopback and off token auth in tests (README: "Ray on a laptop / in CI"); set before any import.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -60,14 +61,30 @@ def family(request):
     return request.param
 
 
+LOCAL_RAY = dict(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # the tests' Ray
+
+
 @pytest.fixture
 def ray_local():
     """A local Ray instance (loopback only), shared by tests; a test that needs another cluster shuts it down."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(**LOCAL_RAY)
     yield ray
+
+
+@contextmanager
+def fake_gpus(ray, n: int):
+    """The tests' local Ray started again with ``n`` fake GPUs for the block, then again without (what comes next
+    finds the tests' Ray, not one a job starts and mop-ray counts as its own)."""
+    ray.shutdown()
+    ray.init(**LOCAL_RAY, num_gpus=n)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        ray.init(**LOCAL_RAY)
 
 
 def small_job(model, out, **kw):

@@ -13,7 +13,7 @@ from actors.coordinator import run
 from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.observe.records import STAT_FIELDS, read_stats
 
-from conftest import run_meanwhile, small_job
+from conftest import fake_gpus, run_meanwhile, small_job
 
 
 def shard_bytes(out):
@@ -113,13 +113,9 @@ def test_a_stage_lost_while_selecting_after_or_beside_observe(tiny_models, tmp_p
 
     logs = []
     env = {"MOP_RAY_FAULT_EXIT": f"2:select:{tmp_path / 'after.marker'}"}
-    ray_local.shutdown()
-    ray_local.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with fake_gpus(ray_local, 2):
         hit = run(small_job(model, tmp_path / "after", extra={"fault_env": env}, select_early=False, **kw),
                   log=logs.append)
-    finally:
-        ray_local.shutdown()  # the next test's Ray has no GPUs
     assert (tmp_path / "after.marker").exists()
     assert any("holding layers 2-2 was lost (ActorDiedError); selecting its layers in tasks" in m for m in logs), logs
     moe = Checkpoint(model).moe_layers

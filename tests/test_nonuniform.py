@@ -16,6 +16,8 @@ from mop_ray.checkpoint.verify import verify
 from mop_ray.checkpoint.writer import write_pruned
 from mop_ray.cli import main
 from mop_ray.errors import MopError
+
+from conftest import fake_gpus
 from tests.test_prune_checkpoint import load, prune_in_memory
 
 
@@ -167,13 +169,9 @@ def test_prune_cprune_global_end_to_end(tiny_models, tmp_path, ray_local):
     """On a Ray with one (fake) GPU, which the stage holds: the global stage runs beside it (it asked for a GPU and
     waited forever before)."""
     out = tmp_path / "cg"
-    ray_local.shutdown()
-    ray_local.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    try:
+    with fake_gpus(ray_local, 1):
         assert main(["prune", "--model", str(tiny_models["deepseek_v3"]), "--out", str(out), "--method",
                      "cprune-global", "--keep", "4", "--tokens", "256", "--seq-len", "32", "--micro-batch", "2"]) == 0
-    finally:
-        ray_local.shutdown()  # the next test's Ray has no GPUs
     pruning = json.loads((out / "pruning.json").read_text())
     assert pruning["method"] == "cprune-global"
     counts = {int(k): len(v) for k, v in pruning["keep_map"].items()}
