@@ -152,9 +152,8 @@ PY
   tests)
     # the GPU-only tests (staged copies, CUDA graphs) and those whose numbers differ on a GPU (recorded products,
     # FP8 dequantized on the device, bf16 rows, selection beside the waves)
-    # the bytecode cache set for the session (tests/conftest.py does it too, in ~/.cache/mop-ray/pycache)
-    env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX="$D/pycache" \
-      python -m pytest -q -p no:cacheprovider tests/test_arch.py tests/test_enu.py tests/test_fp8.py tests/test_warm_up.py \
+    # (the bytecode cache: tests/conftest.py sets it for the session, in MOP_RAY_PYCACHE where that is given)
+    python -m pytest -q -p no:cacheprovider tests/test_arch.py tests/test_enu.py tests/test_fp8.py tests/test_warm_up.py \
       tests/test_kernels.py \
       "tests/test_faults.py::test_a_stage_lost_while_selecting_after_or_beside_observe" \
       "tests/test_observe.py::test_a_bfloat16_stage_records_its_sample_as_exact_bfloat16_bits" \
