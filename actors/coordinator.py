@@ -32,7 +32,7 @@ from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.checkpoint.writer import check_out, human_size, write_pruned
 from mop_ray.errors import MopError
 from mop_ray.methods import get_method
-from mop_ray.plan import describe, micro_batch_bytes, plan_stages, plan_waves, wave_tokens
+from mop_ray.plan import describe, job_waves, micro_batch_bytes, plan_stages, plan_waves, wave_tokens
 from mop_ray.prune import layer_context
 
 
@@ -57,6 +57,7 @@ class PruneJob:
     stages_at_once: int | None = None  # fewer than the stages: rounds of this many (None: see ``stages_at_once``)
     micro_batch: int = 4
     waves: int | None = None  # micro-batch groups a stage takes layer by layer; None: mop_ray.plan.plan_waves decides
+    stage_memory: float | None = None  # GiB of device memory a stage plans for; None: its GPU's (a CPU stage: no limit)
     max_inflight: int = 4
     max_shard_size: str = "5GB"
     dtype: str | None = None
@@ -164,9 +165,11 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
 
     n_stages = plan_size(job, ckpt)
     # the waves are those of the stages that run at once (a round's, in rounds)
+    shape = dict(tokens=job.tokens, seq_len=job.seq_len, micro_batch=job.micro_batch, waves=job.waves, dtype=job.dtype)
+    at_once = stages_at_once(job, n_stages)
     stages = plan_stages(ckpt, n_stages, micro_batch_tokens=job.micro_batch * job.seq_len,
-                         wave_tokens=wave_tokens(ckpt, stages_at_once(job, n_stages), tokens=job.tokens, seq_len=job.seq_len,
-                                                 micro_batch=job.micro_batch, waves=job.waves, dtype=job.dtype))
+                         wave_tokens=wave_tokens(ckpt, at_once, **shape))
+    one_wave = len(job_waves(ckpt, at_once, **shape)) == 1  # such a stage may stream layers larger than its device
     if which is None or which.start == 0:
         log(describe(stages, ckpt))
     stages = stages[which] if which is not None else stages
@@ -190,7 +193,9 @@ def start_stages(job: PruneJob, ckpt: Checkpoint, run: Path, recorded: set[int],
             **actor_res, runtime_env=runtime_env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=k),
         ).remote(str(ckpt.path), list(st.layers), str(run), None, first_stage=st.index == 0, record=record,
-                 dtype=job.dtype, warm_up=(job.micro_batch, job.seq_len)))
+                 dtype=job.dtype, warm_up=(job.micro_batch, job.seq_len), one_wave=one_wave,
+                 activation_bytes=st.activation_bytes + st.transient_bytes,
+                 memory_bytes=None if job.stage_memory is None else int(job.stage_memory * 2**30)))
     return LiveStages(stages, actors, pg)
 
 
@@ -616,6 +621,9 @@ def run(job: PruneJob, log=print) -> dict:
     check_r(ckpt, job.keep)
     if job.waves is not None and job.waves < 1:
         raise MopError(f"--waves {job.waves}: expected at least 1 (micro-batch groups per stage)")
+    if job.stage_memory is not None and not job.stage_memory > 0:
+        raise MopError(f"--stage-memory {job.stage_memory:g}: expected the GiB of device memory a stage plans for, "
+                       "e.g. 70")
     check_out(Path(job.out).absolute(), job.overwrite)
     if method.needs_weights and method.needs_records:
         check_selection_memory(ckpt, job)  # a sample too large for selection fails now, not after observe

@@ -7,11 +7,14 @@ returns the wave's hidden states on the host for the next one. While recording, 
 through an ``MoEObserver`` (statistics over all tokens + the sampled rows), which for few experts also computes
 the block's output from its all-experts pass instead of running the block's own top-k pass. Given a selection at
 ``begin``, a stage also selects each MoE layer's kept experts as soon as the final wave has passed it, in a thread on
-its own CUDA stream, while the next layers observe.
+its own CUDA stream, while the next layers observe. A stage that takes a single wave and whose layers do not all fit
+its device streams them: it holds at most ``mop_ray.plan.stream_budget`` bytes of layers, lets each go once the
+wave has passed it and its selection is done, and loads the next ones into the room.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import sys
@@ -31,7 +34,7 @@ from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.errors import MopError
 from mop_ray.observe.observer import MoEObserver, token_meta
 from mop_ray.observe.records import SampleWriter, layer_dir, write_stats
-from mop_ray.plan import check_fits
+from mop_ray.plan import check_fits, stream_budget
 
 
 # where first calls cost enough to warm up (lazily loaded kernels, cuBLAS, pinned memory); MOP_RAY_WARM_UP=0: nowhere
@@ -83,11 +86,15 @@ class LayerShardWorker:
 
     def __init__(self, model_dir: str, layers: list[int], run_dir: str, sources: list[str] | None, *,
                  first_stage: bool, record: bool = True, dtype: str | None = None,
-                 warm_up: tuple[int, int] | None = None):
+                 warm_up: tuple[int, int] | None = None, one_wave: bool = False, activation_bytes: int = 0,
+                 memory_bytes: int | None = None):
         """Start loading the layers; with ``sources`` (the calibration's source names) also start recording, else
         ``begin(sources)`` does (the coordinator starts the stages while it tokenises the calibration set).
         ``warm_up``: the micro-batches' shape (blocks, tokens per block); on a GPU, a stand-in layer runs one
-        beside the first layer's load (``actors.warm_up``), so the first wave does not pay the first calls."""
+        beside the first layer's load (``actors.warm_up``), so the first wave does not pay the first calls.
+        ``one_wave``: the stage takes a single (final) wave, so it may stream layers that do not all fit its device
+        beside ``activation_bytes`` (the plan's estimate of its activations); ``memory_bytes``: the device memory
+        to plan for (default: the GPU's total; a CPU stage: none, it holds every layer)."""
         t0 = time.perf_counter()
         self.load_times: dict[str, float] = {"read_s": 0.0}  # seconds per step of the load (benchmarks/speed.py)
         self.ckpt = Checkpoint(model_dir)
@@ -112,6 +119,12 @@ class LayerShardWorker:
         self._waves_done = 0  # forward_wave calls that went through (``finish(expect_waves)`` checks them)
         self._wave_error: BaseException | None = None  # the first wave's error here, raised again by ``finish``
         self._built: list[Future] = [Future() for _ in self.layer_ids]  # -> the decoder layer on the device
+        self._one_wave, self._activation_bytes, self._memory_bytes = one_wave, activation_bytes, memory_bytes
+        self._budget: int | None = None  # streaming: bytes of layers held at once (None: every layer stays)
+        self._held: dict[int, int] = {}  # streaming: layer -> its bytes, from its read until it is let go
+        self._let_go: set[int] = set()  # streaming: layers whose weights are gone (their modules on ``meta``)
+        self._letting_go: list[Future] = []  # streaming: the worker's let-go tasks (``select`` waits for them)
+        self._room = threading.Condition()  # the loader waits on it for room; a let-go layer notifies it
         self._inputs: Future = Future()  # -> (rotary embedding, token embedding or None)
         self._warmed: Future = Future()  # done once the warm-up has run (at once without one)
         on = self.device.type in WARM_UP_DEVICES and os.environ.get("MOP_RAY_WARM_UP", "1") != "0"
@@ -145,11 +158,18 @@ class LayerShardWorker:
         warming = None  # the warm-up thread, once started
         try:
             memory = device_memory(self.device)
+            if self._memory_bytes is not None:
+                memory = (self._memory_bytes, memory[1] if memory else "CPU")
             if memory is not None:  # layers that cannot fit fail now, not minutes into their copies
-                check_fits(self.ckpt, ids, first_stage, *memory)
+                if self._one_wave and ids:
+                    self._budget = stream_budget(self.ckpt, ids, first_stage, *memory, self._activation_bytes)
+                if self._budget is None:
+                    check_fits(self.ckpt, ids, first_stage, *memory)
+            times["stream_budget_gb"] = (self._budget or 0) / 1e9
+            times["held_peak_gb"] = times["room_wait_s"] = 0.0
             prefetch = Prefetcher(self.ckpt, ids)  # the next layers into the page cache while transformers imports
             embed = reader.submit(self._read_embedding) if first_stage else None
-            ahead = reader.submit(self._read, ids[0]) if ids else None
+            ahead = self._read_ahead(reader, ids[0], wait=True) if ids else None
             config = hf_config(self.ckpt)
             times["config_s"] = time.perf_counter() - t0
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
@@ -170,7 +190,8 @@ class LayerShardWorker:
                     t = time.perf_counter()
                     sd = ahead.result()
                     times["read_wait_s"] += time.perf_counter() - t
-                    ahead = reader.submit(self._read, ids[j + 1]) if j + 1 < len(ids) else None
+                    nxt = ids[j + 1] if j + 1 < len(ids) else None
+                    ahead = self._read_ahead(reader, nxt, wait=False) if nxt is not None else None
                     prefetch.loading(j + 1)
                     t = time.perf_counter()
                     layer = build_layer(self.ckpt, i, config=config, device=self.device, dtype=dtype, state_dict=sd)
@@ -182,6 +203,8 @@ class LayerShardWorker:
                         stream.synchronize()  # on the device before any compute uses it
                     times["build_s"] += time.perf_counter() - t  # build on meta, assign, copy to the device
                     self._built[j].set_result(layer)
+                    if nxt is not None and ahead is None:  # streaming, no room before this build: wait for it now
+                        ahead = self._read_ahead(reader, nxt, wait=True)
             times["total_s"] = time.perf_counter() - t0
         except BaseException as e:  # noqa: BLE001 - every waiter gets the loader's error (a MopError for bad layers)
             for f in [self._inputs, *self._built]:
@@ -194,6 +217,47 @@ class LayerShardWorker:
                 prefetch.close()
                 times["prefetched_gb"] = prefetch.read_bytes / 1e9
             reader.shutdown(wait=True, cancel_futures=True)
+
+    def _read_ahead(self, reader: ThreadPoolExecutor, i: int, wait: bool) -> Future | None:
+        """Start reading layer ``i`` (its tensors go straight to the device); streaming, only once it fits the
+        budget beside the layers held: ``wait`` for that room, else None when there is none now."""
+        if self._budget is not None:
+            need = self.ckpt.resident_layer_bytes.get(i, 0)
+            t = time.perf_counter()
+            with self._room:
+                while sum(self._held.values()) + need > self._budget:
+                    if not wait:
+                        return None
+                    if self._wave_error is not None:
+                        raise MopError(f"layer {i} was not loaded: a wave failed on this stage") from self._wave_error
+                    self._room.wait(timeout=1.0)
+                self._held[i] = need
+                self.load_times["held_peak_gb"] = max(self.load_times["held_peak_gb"], sum(self._held.values()) / 1e9)
+            self.load_times["room_wait_s"] += time.perf_counter() - t
+        return reader.submit(self._read, i)
+
+    def _let_go_after(self, i: int) -> None:
+        """Streaming: layer ``i``'s weights go once what was queued for it (records, selection) is done."""
+        if self._worker is not None:  # one thread: after the tasks ``_close_early`` queued for the layer
+            self._letting_go.append(self._worker.submit(self._let_go_layer, i))
+        else:
+            self._let_go_layer(i)
+
+    def _let_go_layer(self, i: int) -> None:
+        """Free layer ``i``'s weights (its module moves to ``meta``) and make room for the loader. On a GPU each
+        tensor is marked used by the waves' and the selections' streams, so the caching allocator reuses its memory
+        only after their queued kernels on it are done (no wait here)."""
+        layer = self._built[self.layer_ids.index(i)].result()
+        if self.device.type == "cuda":
+            for t in itertools.chain(layer.parameters(), layer.buffers()):
+                for stream in (self._compute, self._side):
+                    if stream is not None and t.is_cuda:
+                        t.record_stream(stream)
+        layer.to(torch.device("meta"))
+        with self._room:
+            self._let_go.add(i)
+            self._held.pop(i, None)
+            self._room.notify_all()
 
     def _warm(self, rotary: torch.nn.Module, dtype: torch.dtype | None) -> None:
         """The warm-up thread: ``actors.warm_up`` on the waves' stream (its memory stays cached for them), on the
@@ -304,6 +368,10 @@ class LayerShardWorker:
 
     def _forward_wave(self, inputs: list[torch.Tensor], metas: list[dict], last: bool, final: bool):
         rotary, embed = self._inputs.result()
+        if self._budget is not None and (not final or self._let_go):
+            raise MopError(f"the stage holding layers {self.layer_ids[0]}-{self.layer_ids[-1]} streams its layers "
+                           "(they do not all fit its device) and takes a single final wave, not "
+                           + ("one wave of several" if not final else "a second one"))
         dev = self.device
         hs, pos, pes, metas_host = [], [], [], []
         for inp, meta in zip(inputs, metas):
@@ -326,11 +394,15 @@ class LayerShardWorker:
                     _event_after(events, i, k)
                 if final and i in self.observers and i in self._observed_blocks:
                     self._close_early(i)
+                if self._budget is not None:
+                    self._let_go_after(i)
         finally:
             self._meta = None
         if last:
             if dev.type == "cuda":
-                torch.cuda.synchronize()  # the wave is done (and timed) when the call returns
+                # the wave is done (and timed) when the call returns: its stream only, since a device-wide sync
+                # is refused while the worker captures a CUDA graph for the layer selected beside it
+                torch.cuda.current_stream(dev).synchronize()
             return None
         if dev.type == "cuda":  # through (cached) pinned memory: a direct DMA, no page faults
             return [torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h) for h in hs]
@@ -399,6 +471,8 @@ class LayerShardWorker:
         for ctx in contexts:  # all early ones first: one selection at a time on the device
             f = self._early.get(ctx.layer)
             early[ctx.layer] = f.result() if f is not None else None
+        for f in self._letting_go:  # streaming: every layer's weights gone before any is read again
+            f.result()
         return [early[ctx.layer] or self._select_one(ctx, method, r) for ctx in contexts]
 
     @ray.method(concurrency_group="poll")
@@ -440,6 +514,9 @@ class LayerShardWorker:
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         loading = sum(ckpt.resident_layer_bytes.get(j, 0) for j, f in zip(self.layer_ids, self._built) if not f.done())
+        if self._budget is not None:  # streaming: the loader takes at most the budget's room
+            with self._room:
+                loading = min(loading, max(self._budget - sum(self._held.values()), 0))
         block = self._built[self.layer_ids.index(i)].result().mlp
         need = layer_selection_bytes(ckpt, self.observers[i].sample_writer.rows,
                                      block.experts.gate_up_proj.element_size() == 2) + (2 << 30)
@@ -449,7 +526,8 @@ class LayerShardWorker:
         from actors.tasks import select_layer
 
         _fault_injection([ctx.layer], "select")
-        block = self._built[self.layer_ids.index(ctx.layer)].result().mlp
+        # a layer let go (streaming) is read again by the selection itself, as a selection task would
+        block = None if ctx.layer in self._let_go else self._built[self.layer_ids.index(ctx.layer)].result().mlp
         out = select_layer(self.run_dir, ctx, method, r, block=block)
         if clear_cache and self.device.type == "cuda":
             torch.cuda.empty_cache()  # the next layer's products start from a clean pool

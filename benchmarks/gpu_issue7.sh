@@ -28,6 +28,11 @@
 #   bash benchmarks/gpu_issue7.sh tests           # the tests that need a GPU
 #   bash benchmarks/gpu_issue7.sh layers ["N M"]  # the mixtral job at N and M layers (default "12 8"), one checkpoint
 #                                                 # on the disk at a time, outputs and run dirs on /dev/shm
+#   bash benchmarks/gpu_issue7.sh full            # the mixtral job at all 32 layers, one stage streaming them
+#                                                 # through the GPU (93.1 GB of weights): the checkpoint (93.4 GB,
+#                                                 # more than the 64 GiB disk) made in /dev/shm (read at memory
+#                                                 # speed, so the floor is the compute), output (48.3 GB) and records
+#                                                 # (13.7 GB: sample 49,152, the most that fits) on the disk
 #   bash benchmarks/gpu_issue7.sh next [SECONDS]  # what is still unmeasured, most wanted first (rounds 2, mixtral 1,
 #                                                 # layers, tests, imports 1, profile), each started only while 150 s
 #                                                 # of SECONDS (default 540) are left; a later call on the same warm
@@ -41,7 +46,7 @@
 # corpus' math source holds too few blocks of 2048 tokens for 262,144 tokens). D (default /tmp/mopbench): where
 # the synthetic checkpoint goes (24 GB for 8 layers).
 set -euo pipefail
-step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | ab BASE [ROUNDS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | imports [ROUNDS] | rounds [LAYERS] | layers [COUNTS] | tests | startup | next [SECONDS]}
+step=${1:?usage: gpu_issue7.sh mixtral [RUNS] | ab BASE [ROUNDS] | deepseek [RUNS] | scaling | first-call | profile | kernels | read | ram [COUNTS] | imports [ROUNDS] | rounds [LAYERS] | layers [COUNTS] | full | tests | startup | next [SECONDS]}
 OUT=${OUT:-/tmp/out}
 D=${D:-/tmp/mopbench}
 TAG=${TAG:-}  # in the mixtral step's output names: speed-mixtral-8l$TAG-$i.{json,md}
@@ -212,6 +217,18 @@ PY
         tail -20 "$OUT/speed-mixtral-${n}l-layers$TAG.md"
       rm -rf "$work"
     done ;;
+  full)
+    mixture
+    for m in "$D"/mx[0-9]*; do rm -rf "$m"; done  # the disk takes the output (48.6 GB)
+    ckpt=/dev/shm/mx32
+    [ -f "$ckpt/model.safetensors.index.json" ] ||
+      python benchmarks/make_synthetic.py --preset mixtral-8x7b --layers 32 --no-fsync --out "$ckpt" 2>&1 | tail -1
+    python benchmarks/speed.py --model "$ckpt" --calib "$D/mix.yaml" --method mop --keep 4 --tokens 262144 \
+      --seq-len 2048 --sample 49152 --work "$D/work" --out-json "$OUT/speed-mixtral-32l-shm$TAG.json" \
+      > "$OUT/speed-mixtral-32l-shm$TAG.md" 2>&1 || true
+    grep -E "\| (total|observe|write) \||^Whole job|^Critical path" "$OUT/speed-mixtral-32l-shm$TAG.md" ||
+      tail -20 "$OUT/speed-mixtral-32l-shm$TAG.md"
+    rm -rf "$ckpt" "$D/work" ;;
   next)  # [SECONDS] (default 540): what is still unmeasured, most wanted first, while time is left; a step that
     # ran is written to $D/next.done and skipped by the next call on the same (still warm) machine
     budget=${2:-540}
@@ -223,5 +240,5 @@ PY
       bash "$0" $s || echo "next: '$s' failed"
     done ;;
   *)
-    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, ab, deepseek, scaling, first-call, profile, kernels, read, ram, imports, rounds, layers, tests, startup or next" >&2; exit 2 ;;
+    echo "gpu_issue7.sh: unknown step '$step'; expected mixtral, ab, deepseek, scaling, first-call, profile, kernels, read, ram, imports, rounds, layers, full, tests, startup or next" >&2; exit 2 ;;
 esac

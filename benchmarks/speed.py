@@ -693,6 +693,11 @@ def environment() -> dict:
     return env
 
 
+def run_dir_of(args, work: Path, stages: int) -> Path:
+    """The job's run dir (records, hidden states between rounds) for a run with ``stages`` stages."""
+    return Path(args.run_root or work) / f"run-s{stages}"
+
+
 def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, log) -> dict:
     import ray
 
@@ -701,7 +706,7 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
     from mop_ray.observe.records import layer_dir
 
     method = get_method(args.method)
-    out, run_dir = work / f"pruned-s{stages}", work / f"run-s{stages}"
+    out, run_dir = work / f"pruned-s{stages}", run_dir_of(args, work, stages)
     for p in (out, run_dir):
         shutil.rmtree(p, ignore_errors=True)
     if args.page_cache == "warm":  # the stages read from memory: what the pipeline does when reads do not bind
@@ -934,6 +939,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--address", help="an existing Ray cluster (default: a local Ray, loopback only)")
     ap.add_argument("--work", help="where pruned outputs and run dirs go (default: <model>.speed)")
+    ap.add_argument("--run-root", help="where the run dirs (records) go, when not in --work: e.g. a RAM disk "
+                    "beside an output on the disk")
     ap.add_argument("--out-json")
     ap.add_argument("--enu-compare", action="store_true")
     ap.add_argument("--select-after-observe", action="store_true",
@@ -961,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
     from mop_ray.checkpoint.reader import Checkpoint
     from mop_ray.errors import MopError
     from mop_ray.methods import get_method
+    from mop_ray.observe.records import sample_row_bytes
 
     t_log = time.perf_counter()
 
@@ -1002,12 +1010,22 @@ def main(argv: list[str] | None = None) -> int:
     # upfront disk check: the largest pruned output (+ records) must fit next to the checkpoint
     expert_bytes = sum(t.nbytes for n, t in ckpt.tensors.items() if ckpt.family.expert_re.match(n))
     est_out = ckpt.total_bytes - expert_bytes + expert_bytes * args.keep // max(ckpt.num_experts, 1)
-    est_records = len(ckpt.moe_layers) * min(args.sample, args.tokens) * (2 * costs["hidden"] + ckpt.num_experts) * 4
-    free = shutil.disk_usage(work).free
-    if free < est_out + est_records + (256 << 20):
-        print(f"speed: error: {work}: the pruned output and records need ~{(est_out + est_records) / GB:.2f} GB but only "
-              f"{free / GB:.2f} GB are free", file=sys.stderr)
-        return 2
+    rows_dtype = getattr(torch, args.dtype or str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "float32"))
+    est_records = len(ckpt.moe_layers) * min(args.sample, args.tokens) * sample_row_bytes(
+        costs["hidden"], ckpt.num_experts, rows_dtype)  # what the job's records take (mop_ray.observe.records)
+    runs = Path(args.run_root) if args.run_root else work  # the records go to --run-root where given
+    runs.mkdir(parents=True, exist_ok=True)
+    need: dict[int, list] = {}  # per file system: [a directory on it, bytes, what]
+    for d, b, what in ((work, est_out, "the pruned output"), (runs, est_records, "the records")):
+        e = need.setdefault(d.stat().st_dev, [d, 0, []])
+        e[1] += b
+        e[2].append(what)
+    for d, b, what in need.values():
+        free = shutil.disk_usage(d).free
+        if free < b + (256 << 20):
+            print(f"speed: error: {d}: {' and '.join(what)} need ~{b / GB:.2f} GB but only {free / GB:.2f} GB are free",
+                  file=sys.stderr)
+            return 2
 
     # (a) floors
     mm_dtype = args.dtype or str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "bfloat16")
@@ -1054,10 +1072,10 @@ def main(argv: list[str] | None = None) -> int:
             r = one_run(args, ckpt, costs, shards, stages, floors, work, log)
             report["runs"].append(r)
             if i == 0 and args.enu_compare:
-                report["enu_compare"] = run_enu_compare(args, ckpt, work / f"run-s{stages}", device, log)
+                report["enu_compare"] = run_enu_compare(args, ckpt, run_dir_of(args, work, stages), device, log)
             if not args.keep_output:
                 shutil.rmtree(work / f"pruned-s{stages}", ignore_errors=True)
-                shutil.rmtree(work / f"run-s{stages}", ignore_errors=True)
+                shutil.rmtree(run_dir_of(args, work, stages), ignore_errors=True)
     except MopError as e:
         print(f"speed: error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ PRUNE_DEFAULTS = {
     "method": "random", "keep": None, "general": None, "calib": "default", "tokens": 128 * 2048, "seq_len": 2048,
     "sample": 65536, "seed": 0, "run_dir": None, "address": None, "resume": False, "overwrite": False,
     "keep_map": None, "allow_nonuniform": False, "stages": None, "stage_gpus": None, "stages_at_once": None,
-    "micro_batch": 4, "waves": None,
+    "micro_batch": 4, "waves": None, "stage_memory": None,
     "max_shard_size": "5GB", "dtype": None,
 }
 CONFIG_ONLY = {"model", "out"}
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--waves", type=int, help="micro-batch groups each stage takes layer by layer, loading its next "
                     "layer meanwhile (default: 1 with one stage, 4 per stage otherwise; more when a wave's hidden "
                     "states would exceed 4 GiB)")
+    pr.add_argument("--stage-memory", type=float, help="GiB of device memory each stage plans for (default: its GPU's "
+                    "total; a CPU stage: no limit); a stage taking one wave whose layers exceed it streams them, "
+                    "holding a few at a time")
     pr.add_argument("--dtype", help="compute dtype of the stages (default: the checkpoint's)")
     pr.add_argument("--config", help="YAML with the same keys as these flags; flags win")
     pr.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out (atomically)")

@@ -8,7 +8,9 @@ calibration. The first stage also holds the token embedding. The memory estimate
 working set of one micro-batch (every expert's output at once when the observer keeps them), the hidden
 states of one wave (micro-batches a stage takes layer by layer) and, for FP8, the float8 copy of the largest
 layer's weights while it is dequantized on the device. ``fewest_stages`` plans for a GPU size; ``check_fits`` is
-the stage's own refusal of layers whose weights exceed its GPU.
+the stage's own refusal of layers whose weights exceed its GPU; ``stream_budget`` is what a stage that takes a single
+wave keeps of its layers at once instead, when they do not all fit (each is let go once the wave has passed it and
+its selection is done, so a model larger than the GPU needs no second stage).
 """
 
 from __future__ import annotations
@@ -97,11 +99,18 @@ def micro_batch_bytes(ckpt: Checkpoint, micro_batch: int, seq_len: int, dtype: s
     return micro_batch * seq_len * int(ckpt.config.get("hidden_size", 0)) * size
 
 
+def job_waves(ckpt: Checkpoint, n_stages: int, *, tokens: int, seq_len: int, micro_batch: int,
+              waves: int | None = None, dtype: str | None = None) -> list[list[int]]:
+    """The waves of a job of ``tokens`` calibration tokens whose stages run ``n_stages`` at once (at most; a
+    calibration set with fewer blocks has as many waves or fewer)."""
+    n_mb = -(-max(tokens // seq_len, 1) // micro_batch)
+    return plan_waves(n_mb, n_stages, micro_batch_bytes(ckpt, micro_batch, seq_len, dtype), waves)
+
+
 def wave_tokens(ckpt: Checkpoint, n_stages: int, *, tokens: int, seq_len: int, micro_batch: int,
                 waves: int | None = None, dtype: str | None = None) -> int:
     """Tokens in a job's largest wave: the hidden states a stage keeps on its device between layers."""
-    n_mb = -(-max(tokens // seq_len, 1) // micro_batch)
-    plan = plan_waves(n_mb, n_stages, micro_batch_bytes(ckpt, micro_batch, seq_len, dtype), waves)
+    plan = job_waves(ckpt, n_stages, tokens=tokens, seq_len=seq_len, micro_batch=micro_batch, waves=waves, dtype=dtype)
     return max(map(len, plan)) * micro_batch * seq_len
 
 
@@ -143,6 +152,30 @@ def fewest_stages(ckpt: Checkpoint, device_bytes: int, *, tokens: int, seq_len: 
                    f"{largest.memory_bytes / 2**30:.1f} GiB (layer {largest.layers[0]}, with its activations)")
 
 
+SELECT_SHARE = 4  # streaming: a quarter of the device stays free of layers for the selections beside the wave
+
+
+def stream_budget(ckpt: Checkpoint, layers: list[int], first_stage: bool, device_bytes: int, device_name: str,
+                  activation_bytes: int) -> int | None:
+    """For a stage that takes a single wave: None when its layers' weights and activations fit ``device_bytes`` (it
+    keeps them all), else the bytes of layer weights it may hold at once (streaming): the device less the
+    activations, the first stage's embedding and a quarter for the selections beside the wave. At least its two
+    largest layers (the one computing and the next loading), else a MopError."""
+    resident = ckpt.resident_layer_bytes
+    embed = ckpt.embed_bytes if first_stage else 0
+    if sum(resident.get(i, 0) for i in layers) + embed + activation_bytes <= device_bytes:
+        return None
+    budget = device_bytes - activation_bytes - embed - device_bytes // SELECT_SHARE
+    two = sum(sorted((resident.get(i, 0) for i in layers), reverse=True)[:2])
+    if budget < two:
+        raise MopError(f"the stage holding layers {layers[0]}-{layers[-1]} streams its layers through its GPU "
+                       f"({device_name}, {device_bytes / 1e9:.1f} GB) but its two largest layers need "
+                       f"{two / 1e9:.1f} GB and it has {max(budget, 0) / 1e9:.1f} GB for layers (after "
+                       f"{activation_bytes / 1e9:.1f} GB of activations and a quarter kept for selection): use GPUs "
+                       f"with more memory")
+    return budget
+
+
 def check_fits(ckpt: Checkpoint, layers: list[int], first_stage: bool, device_bytes: int, device_name: str) -> None:
     """Refuse a stage whose layers' weights alone exceed its GPU's memory: it would otherwise read and copy layers
     for minutes and then run out of memory. Weights are resident bytes (FP8 dequantized to bf16; the first stage
@@ -157,7 +190,8 @@ def check_fits(ckpt: Checkpoint, layers: list[int], first_stage: bool, device_by
                    f"but its GPU ({device_name}) has {device_bytes / 1e9:.1f} GB: the model's {whole / 1e9:.1f} GB of "
                    f"weights need at least {gpus} such GPUs (`mop-ray plan --model M --gpu-memory "
                    f"{device_bytes / 2**30:.1f}` gives the fewest stages that fit): pass --stages with that many "
-                   f"(on fewer GPUs they run in rounds, as many at once as there are GPUs)")
+                   f"(on fewer GPUs they run in rounds, as many at once as there are GPUs), or --waves 1 (a stage "
+                   f"that takes one wave streams layers larger than its GPU)")
 
 
 def describe(stages: list[Stage], ckpt: Checkpoint) -> str:
