@@ -109,6 +109,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"fewest stages whose memory estimates fit a {args.gpu_memory:g} GiB "
                   f"({args.gpu_memory * 2**30 / 1e9:.1f} GB) GPU: {len(stages)}, one GPU each")
         print(describe(stages, ckpt))
+        if args.gpu_memory is not None and len(stages) > 1:
+            print(one_stage_streaming(ckpt, int(args.gpu_memory * 2**30), f"{args.gpu_memory:g} GiB GPU", shape))
         if len(rounds) > 1:
             from actors.disk_space import boundary_bytes
             from mop_ray.checkpoint.writer import human_size
@@ -118,6 +120,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   f"states between rounds take up to {human_size(boundary_bytes(args, ckpt, len(rounds)))} of disk "
                   "in the run directory")
     return 0
+
+
+def one_stage_streaming(ckpt, device_bytes: int, device_name: str, shape: dict) -> str:
+    """What one stage taking one wave does on a GPU of ``device_bytes`` (it streams the layers that do not fit)."""
+    from mop_ray.plan import job_waves, plan_stages, stream_budget, wave_tokens
+
+    if len(job_waves(ckpt, 1, **shape)) > 1:
+        return "(one stage would take several waves (--waves): it cannot stream its layers)"
+    (st,) = plan_stages(ckpt, 1, micro_batch_tokens=shape["micro_batch"] * shape["seq_len"],
+                        wave_tokens=wave_tokens(ckpt, 1, **shape))
+    try:
+        budget = stream_budget(ckpt, list(st.layers), True, device_bytes, device_name,
+                               st.activation_bytes + st.transient_bytes)
+    except MopError as e:
+        return f"one stage cannot stream them through one such GPU: {e}"
+    if budget is None:  # not reached: a plan of one stage that fits is the fewest
+        return "1 stage holds every layer on one such GPU"
+    return (f"or 1 stage on one such GPU: it takes one wave and streams its layers, holding at most "
+            f"{budget / 1e9:.1f} GB of them at once (`mop-ray prune --stages 1`; no pipeline across GPUs)")
 
 
 def inspect_dict(model: str) -> dict:

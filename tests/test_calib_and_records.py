@@ -166,6 +166,8 @@ def test_plan_command(tiny_models, capsys):
 
 
 def test_plan_for_a_gpu_size_takes_the_fewest_stages_that_fit(tiny_models, capsys):
+    from pathlib import Path
+
     from mop_ray.checkpoint.writer import human_size
     from mop_ray.cli import main
 
@@ -182,6 +184,19 @@ def test_plan_for_a_gpu_size_takes_the_fewest_stages_that_fit(tiny_models, capsy
         assert len(json.loads(capsys.readouterr().out)) == want, (budget, want)
     assert main(["plan", "--model", model, "--gpu-memory", repr(two / 2**30)]) == 0
     assert capsys.readouterr().out.startswith("fewest stages whose memory estimates fit a ")
+    # the public shapes: one stage streams Mixtral-8x7B through an H100; DeepSeek-V3's two largest layers do not fit
+    shapes = Path(__file__).parent.parent / "configs" / "shapes"
+    h100 = ["--shape-only", "--gpu-memory", "79.2"]
+    assert main(["plan", "--model", str(shapes / "mixtral-8x7b.json"), *h100]) == 0
+    out = capsys.readouterr().out
+    assert "fit a 79.2 GiB (85.0 GB) GPU: 2, one GPU each" in out
+    assert ("or 1 stage on one such GPU: it takes one wave and streams its layers, holding at most 57.6 GB of them "
+            "at once") in out
+    assert main(["plan", "--model", str(shapes / "mixtral-8x7b.json"), *h100, "--waves", "2"]) == 0
+    assert "one stage would take several waves (--waves): it cannot stream its layers" in capsys.readouterr().out
+    assert main(["plan", "--model", str(shapes / "deepseek-v3.json"), *h100]) == 0
+    assert ("one stage cannot stream them through one such GPU: the stage holding layers 0-60 streams its layers "
+            "through its GPU (79.2 GiB GPU, 85.0 GB) but its two largest layers need 46.0 GB") in capsys.readouterr().out
     assert main(["plan", "--model", model, "--gpu-memory", repr((three - 1) / 2**30)]) == 2
     assert "no plan fits a 0.0 GiB GPU: even one layer per stage needs up to" in capsys.readouterr().err
     assert main(["plan", "--model", model, "--gpu-memory", "-1"]) == 2

@@ -52,7 +52,23 @@ def a_wave(n: int = 3):
 
 
 def test_a_stage_taking_one_wave_streams_layers_larger_than_its_device(deep_models, family, tmp_path):
-    model = deep_models[family]
+    streams_as_a_whole_stage_records(deep_models[family], tmp_path)
+
+
+def test_a_stage_streams_block_fp8_layers_at_their_dequantized_size(deep_models, tmp_path):
+    """DeepSeek-V3 as released (every decoder weight but the router's in block FP8): the budget counts the layers
+    dequantized, as the stage holds them."""
+    from test_fp8 import fp8_copy
+
+    model = fp8_copy(deep_models["deepseek_v3"], tmp_path / "fp8", everything=True)
+    ckpt = Checkpoint(model)
+    assert all(ckpt.resident_layer_bytes[i] > ckpt.layer_bytes[i] for i in ckpt.moe_layers)
+    streams_as_a_whole_stage_records(model, tmp_path)
+
+
+def streams_as_a_whole_stage_records(model, tmp_path) -> None:
+    """A stage given the least memory to stream ``model`` records and selects (mop, in the stage beside the wave)
+    what a stage holding every layer does, holds at most its budget and lets every layer go."""
     ckpt = Checkpoint(model)
     layers = list(range(ckpt.num_layers))
     sizes = [ckpt.resident_layer_bytes[i] for i in layers]
@@ -80,7 +96,7 @@ def test_a_stage_taking_one_wave_streams_layers_larger_than_its_device(deep_mode
     whole.forward_wave(mbs, ids, metas, last=True, final=True)
     whole.finish()
     want = whole.select(ctxs, "mop", r)
-    assert whole.loaded()["stream_budget_gb"] == 0.0  # no device memory given on the CPU: it holds every layer
+    assert whole.loaded()["stream_budget_gb"] == 0.0  # no one_wave: it holds every layer
     assert [(a[0], a[1]) for a in got] == [(b[0], b[1]) for b in want]
     np.testing.assert_allclose([a[2] for a in got], [b[2] for b in want], rtol=1e-9)
     assert_same_records(tmp_path / "streamed", tmp_path / "whole", ckpt.moe_layers, rtol=1e-9, atol=1e-6, rows=192)
