@@ -332,7 +332,11 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
                 log(f"observe: stage {st.index} loaded layers {st.layers[0]}-{st.layers[-1]} in {times['total_s']:.1f}s "
                     f"(reads {times['read_s']:.1f}s, {stage_file_bytes(ckpt, st) / 1e9 / times['read_s']:.2f} GB/s, "
                     f"{times.get('prefetched_gb', 0):.1f} GB of them read ahead into the page cache; "
-                    f"imports {times['config_s']:.1f}s; builds and copies {times['build_s']:.1f}s)")
+                    f"imports {times['config_s']:.1f}s; builds and copies {times['build_s']:.1f}s)"
+                    + (f"; streamed them, holding at most {times['held_peak_gb']:.1f} of "
+                       f"{sum(ckpt.resident_layer_bytes.get(i, 0) for i in st.layers) / 1e9:.1f} GB at once (budget "
+                       f"{times['stream_budget_gb']:.1f} GB), {times['room_wait_s']:.1f}s waiting for room"
+                       if times.get("stream_budget_gb") else ""))
         finished = True
     except ray.exceptions.RayTaskError as e:
         raise_stage_error(e)

@@ -897,6 +897,14 @@ def markdown(report: dict) -> str:
                          for layer, ms in st["first_wave_ms"].items()]
                 lines += ["", f"First wave of the stage holding layers {st['layers'][0]}-{st['layers'][-1]} "
                               f"({r['stages']} stage(s)), per micro-batch call: " + "; ".join(parts) + "."]
+    for r in report["runs"]:  # stages that streamed their layers (one wave, more layers than their device holds)
+        for p in r.get("placement") or []:
+            load = p.get("load") or {}
+            if load.get("stream_budget_gb"):
+                lines += ["", f"The stage holding layers {p['layers'][0]}-{p['layers'][-1]} ({r['stages']} stage(s)) "
+                              f"streamed them: at most {load['stream_budget_gb']:.1f} GB of layers at once, "
+                              f"{load['held_peak_gb']:.1f} GB at the peak, {load['room_wait_s']:.1f} s of its loader "
+                              "waiting for room."]
     if report.get("enu_compare"):
         e = report["enu_compare"]
         if "skipped" in e:

@@ -139,7 +139,8 @@ def test_a_job_on_a_small_device_streams_its_one_stage_and_prunes_as_a_large_one
     model = deep_models["mixtral"]
     ckpt = Checkpoint(model)
     gib = least_memory(ckpt, 1 << 20) / 2**30 * 1.05  # the plan's activations here are well below 1 MiB
-    a = run(small_job(model, tmp_path / "a", method="mop", sample=100, stage_memory=gib), log=lambda *_: None)
+    logs = []
+    a = run(small_job(model, tmp_path / "a", method="mop", sample=100, stage_memory=gib), log=logs.append)
     b = run(small_job(model, tmp_path / "b", method="mop", sample=100), log=lambda *_: None)
     assert a["keep_map"] == b["keep_map"]
     phases = json.loads((tmp_path / "a.run" / "manifest.json").read_text())["phases"]
@@ -147,6 +148,8 @@ def test_a_job_on_a_small_device_streams_its_one_stage_and_prunes_as_a_large_one
     held = sum(ckpt.resident_layer_bytes.values())
     assert 0 < load["stream_budget_gb"] * 1e9 < held and load["held_peak_gb"] * 1e9 < held
     assert phases["select"]["in"] == "stages"
+    assert any(f"; streamed them, holding at most {load['held_peak_gb']:.1f} of {held / 1e9:.1f} GB at once" in m
+               for m in logs)
     shards = sorted((tmp_path / "a").glob("*.safetensors"))
     assert shards and [s.name for s in shards] == sorted(s.name for s in (tmp_path / "b").glob("*.safetensors"))
     for shard in shards:
