@@ -33,8 +33,8 @@
 #                                                 # more than the 64 GiB disk) made in /dev/shm (read at memory
 #                                                 # speed, so the floor is the compute), output (48.3 GB) and records
 #                                                 # (13.7 GB: sample 49,152, the most that fits) on the disk
-#   bash benchmarks/gpu_issue7.sh next [SECONDS]  # what is still unmeasured, most wanted first (rounds 2, mixtral 1,
-#                                                 # layers, tests, imports 1, profile), each started only while 150 s
+#   bash benchmarks/gpu_issue7.sh next [SECONDS]  # what is still unmeasured, most wanted first (tests, deepseek 1,
+#                                                 # profile, full), each started only while 150 s
 #                                                 # of SECONDS (default 540) are left; a later call on the same warm
 #                                                 # machine goes on where the last stopped
 #   bash benchmarks/gpu_issue7.sh startup         # the machine's bytecode state (mop_ray.bytecode), the imports of a
@@ -159,7 +159,7 @@ PY
     # FP8 dequantized on the device, bf16 rows, selection beside the waves)
     # (the bytecode cache: tests/conftest.py sets it for the session, in MOP_RAY_PYCACHE where that is given)
     python -m pytest -q -p no:cacheprovider tests/test_arch.py tests/test_enu.py tests/test_fp8.py tests/test_warm_up.py \
-      tests/test_kernels.py \
+      tests/test_kernels.py tests/test_streaming.py \
       "tests/test_faults.py::test_a_stage_lost_while_selecting_after_or_beside_observe" \
       "tests/test_observe.py::test_a_bfloat16_stage_records_its_sample_as_exact_bfloat16_bits" \
       "tests/test_observe.py::test_token_meta_copies_the_source_ids_and_sample_rows_to_the_gpu" 2>&1 |
@@ -232,7 +232,7 @@ PY
   next)  # [SECONDS] (default 540): what is still unmeasured, most wanted first, while time is left; a step that
     # ran is written to $D/next.done and skipped by the next call on the same (still warm) machine
     budget=${2:-540}
-    for s in "rounds 2" "mixtral 1" "layers" "tests" "imports 1" "profile"; do
+    for s in "tests" "deepseek 1" "profile" "full"; do
       if grep -qxF "$s" "$D/next.done" 2>/dev/null; then continue; fi
       if [ "$SECONDS" -ge $((budget - 150)) ]; then echo "next: skipped '$s' (${SECONDS}s of ${budget}s gone)"; continue; fi
       echo "next: $s (at ${SECONDS}s)"
