@@ -58,7 +58,7 @@ class PruneJob:
     micro_batch: int = 4
     waves: int | None = None  # micro-batch groups a stage takes layer by layer; None: mop_ray.plan.plan_waves decides
     stage_memory: float | None = None  # GiB of device memory a stage plans for; None: its GPU's (a CPU stage: no limit)
-    max_inflight: int = 4
+    max_inflight: int | None = None  # waves in the pipeline at once; None: ``inflight_limit`` decides
     max_shard_size: str = "5GB"
     dtype: str | None = None
     max_attempts: int = 3
@@ -148,6 +148,13 @@ def stages_at_once(job: PruneJob, n_stages: int) -> int:
         return min(job.stages_at_once, n_stages)
     gpus = cluster_gpus()
     return gpus if job.stage_gpus is None and 0 < gpus < n_stages else n_stages
+
+
+def inflight_limit(job: PruneJob, n_stages: int) -> int:
+    """Waves handed to the pipeline and not yet through its last stage: ``job.max_inflight``, else twice the stages
+    (at least 4), so that every stage holds a wave with the next one queued and none waits for the driver (with 4
+    and 8 stages, half of them did); at most that many waves' hidden states wait in the object store."""
+    return job.max_inflight or max(4, 2 * n_stages)
 
 
 # what Ray raises when a stage actor or its node is gone
@@ -316,7 +323,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
             for j, actor in enumerate(actors):  # stage j+1 takes stage j's output (an object ref) directly
                 ref = actor.forward_wave.remote(wave, ref, metas, last=j == len(actors) - 1, final=w == len(waves) - 1)
             inflight.append((ref, sum(b - a for a, b in spans) * ids.shape[1]))
-            while len(inflight) >= job.max_inflight:
+            while len(inflight) >= inflight_limit(job, len(actors)):
                 ready, _ = ray.wait([r for r, _ in inflight], num_returns=1)
                 done = [x for x in inflight if x[0] in ready]
                 inflight = [x for x in inflight if x[0] not in ready]

@@ -133,6 +133,15 @@ def test_one_and_three_stages_record_the_same(tiny_models, tmp_path, ray_local):
         assert p["load"]["total_s"] > 0 and p["load"]["total_s"] >= max(p["load"]["build_s"], p["load"]["config_s"])
 
 
+def test_the_pipeline_keeps_every_stage_a_wave_ahead():
+    """Waves in flight: twice the stages (at least 4), so with 4 or 8 stages none waits for the driver's next wave
+    (a fixed 4 left half of 8 stages idle); ``max_inflight`` overrides."""
+    from actors.coordinator import inflight_limit
+
+    assert [inflight_limit(small_job("m", "o"), s) for s in (1, 2, 3, 4, 8)] == [4, 4, 6, 8, 16]
+    assert inflight_limit(small_job("m", "o", max_inflight=3), 8) == 3
+
+
 def test_stages_in_rounds_record_and_select_what_they_would_all_at_once(tiny_models, tmp_path, ray_local):
     """Three stages one at a time (a model needing more GPUs than the cluster has): each round frees its stage and
     the next takes the waves' hidden states from the object store (the first round's stage starts before the
