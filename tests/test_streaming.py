@@ -102,6 +102,27 @@ def streams_as_a_whole_stage_records(model, tmp_path) -> None:
     assert_same_records(tmp_path / "streamed", tmp_path / "whole", ckpt.moe_layers, rtol=1e-9, atol=1e-6, rows=192)
 
 
+def test_a_streaming_stage_selecting_after_the_wave_reads_each_layer_again(deep_models, tmp_path):
+    """Without a selection at ``begin`` (``--select-after-observe``) every layer is let go as the wave passes it;
+    ``select`` then reads each again, as a selection task would, and chooses what a stage holding them does."""
+    model = deep_models["qwen2_moe"]
+    ckpt = Checkpoint(model)
+    layers = list(range(ckpt.num_layers))
+    ctxs = [layer_context(ckpt, i, 0) for i in ckpt.moe_layers]
+    r = ckpt.num_experts // 2
+    mbs, ids, metas = a_wave()
+    chosen = []
+    for name, kw in (("streamed", {"one_wave": True, "memory_bytes": least_memory(ckpt)}), ("whole", {})):
+        worker = LayerShardWorker(str(model), layers, str(tmp_path / name), ["code", "math"], first_stage=True, **kw)
+        worker.forward_wave(mbs, ids, metas, last=True, final=True)
+        worker.finish()
+        chosen.append(worker.select(ctxs, "mop", r))
+        if name == "streamed":
+            assert worker._let_go == set(layers) and not worker._early
+    assert [(a[0], a[1]) for a in chosen[0]] == [(b[0], b[1]) for b in chosen[1]]
+    np.testing.assert_allclose([a[2] for a in chosen[0]], [b[2] for b in chosen[1]], rtol=1e-9)
+
+
 def test_a_streaming_stage_refuses_a_wave_that_is_not_its_last(deep_models, tmp_path):
     model = deep_models["mixtral"]
     ckpt = Checkpoint(model)
