@@ -144,29 +144,11 @@ def drop_cache(paths: list[Path]) -> dict:
             "dropped": None if after is None else after < 0.05}
 
 
-def warm_cache(paths: list[Path], threads: int = 4, chunk: int = 64 << 20) -> dict:
-    """Read every file whole into the page cache (``threads`` readers); -> {"resident_before", "resident_after"}
-    (byte-weighted fractions, as ``drop_cache``), "warmed": whether at least 95 % is resident after."""
+def read_files(paths: list[Path], threads: int, cap_bytes: int = 0, chunk: int = 64 << 20) -> int:
+    """Read the files in ``chunk``-byte pieces with ``threads`` readers (each into its own reused buffer), up to
+    ``cap_bytes`` of them (0: all); -> the bytes read."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def read(job):
-        p, off = job
-        with open(p, "rb", buffering=0) as f:
-            f.seek(off)
-            return len(f.read(chunk))
-
-    before = resident_share(paths)
-    with ThreadPoolExecutor(threads) as pool:
-        sum(pool.map(read, [(p, off) for p in paths for off in range(0, p.stat().st_size, chunk)]))
-    after = resident_share(paths)
-    return {"resident_before": before, "resident_after": after, "warmed": None if after is None else after >= 0.95}
-
-
-def read_floor(paths: list[Path], cap_bytes: int, threads: int, chunk: int = 64 << 20) -> dict:
-    """Cold sequential read of (up to cap_bytes of) the files with ``threads`` readers; GB/s."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    cache = drop_cache(paths)
     jobs, planned = [], 0
     for p in paths:
         size = p.stat().st_size
@@ -185,14 +167,28 @@ def read_floor(paths: list[Path], cap_bytes: int, threads: int, chunk: int = 64 
             buf = local.buf = bytearray(chunk)
         fd = os.open(p, os.O_RDONLY)
         try:
-            got = os.preadv(fd, [memoryview(buf)[:n]], off)
+            return os.preadv(fd, [memoryview(buf)[:n]], off)
         finally:
             os.close(fd)
-        return got
 
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        nbytes = sum(pool.map(read, jobs))
+        return sum(pool.map(read, jobs))
+
+
+def warm_cache(paths: list[Path], threads: int = 4) -> dict:
+    """Read every file whole into the page cache; -> {"resident_before", "resident_after"} (byte-weighted
+    fractions, as ``drop_cache``), "warmed": whether at least 95 % is resident after."""
+    before = resident_share(paths)
+    read_files(paths, threads)
+    after = resident_share(paths)
+    return {"resident_before": before, "resident_after": after, "warmed": None if after is None else after >= 0.95}
+
+
+def read_floor(paths: list[Path], cap_bytes: int, threads: int) -> dict:
+    """Cold sequential read of (up to cap_bytes of) the files with ``threads`` readers; GB/s."""
+    cache = drop_cache(paths)
+    t0 = time.perf_counter()
+    nbytes = read_files(paths, threads, cap_bytes)
     seconds = time.perf_counter() - t0
     return {"bytes": nbytes, "seconds": round(seconds, 3), "gb_per_s": round(nbytes / GB / max(seconds, 1e-9), 3),
             "threads": threads, "cache_dropped": cache["dropped"], "resident_before_drop": cache["resident_before"],
