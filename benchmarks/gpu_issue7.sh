@@ -219,7 +219,7 @@ PY
     done ;;
   full)
     mixture
-    for m in "$D"/mx[0-9]*; do rm -rf "$m"; done  # the disk takes the output (48.6 GB)
+    for m in "$D"/mx[0-9]*; do rm -rf "$m"; done  # the disk takes the output and the records (48.3 + 13.7 GB)
     ckpt=/dev/shm/mx32
     [ -f "$ckpt/model.safetensors.index.json" ] ||
       python benchmarks/make_synthetic.py --preset mixtral-8x7b --layers 32 --no-fsync --out "$ckpt" 2>&1 | tail -1
