@@ -172,7 +172,8 @@ def stream_budget(ckpt: Checkpoint, layers: list[int], first_stage: bool, device
                        f"({device_name}, {device_bytes / 1e9:.1f} GB) but its two largest layers need "
                        f"{two / 1e9:.1f} GB and it has {max(budget, 0) / 1e9:.1f} GB for layers (after "
                        f"{activation_bytes / 1e9:.1f} GB of activations and a quarter kept for selection): use GPUs "
-                       f"with more memory")
+                       f"with more memory, or more stages — on fewer GPUs they run in rounds (`mop-ray plan --model M "
+                       f"--gpu-memory {device_bytes / 2**30:.1f} --gpus N` gives how many)")
     return budget
 
 

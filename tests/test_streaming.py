@@ -147,7 +147,8 @@ def test_the_stream_budget_and_its_refusals(deep_models):
     assert budget == memory - 1000 - ckpt.embed_bytes - memory // SELECT_SHARE >= sum(sorted(sizes)[-2:])
     assert stream_budget(ckpt, layers[1:], False, memory, "G", 1000) == budget + ckpt.embed_bytes  # no embedding
     with pytest.raises(MopError, match=r"layers 0-5 streams its layers through its GPU \(G, .* its two largest "
-                                       r"layers need .* use GPUs with more memory"):
+                                       r"layers need .* use GPUs with more memory, or more stages — on fewer GPUs "
+                                       r"they run in rounds \(`mop-ray plan --model M --gpu-memory 0.0 --gpus N`"):
         stream_budget(ckpt, layers, True, memory - 2 * SELECT_SHARE - 8, "G", 1000)
     with pytest.raises(MopError, match=r"pass --stages with that many .* or --waves 1 \(a stage that takes one wave "
                                        r"streams layers larger than its GPU\)"):
