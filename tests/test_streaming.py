@@ -1,6 +1,6 @@
 """A stage whose layers do not all fit its device streams them when it takes a single wave: it holds a few at a
 time, lets each go once the wave has passed it and its selection is done, and records and selects what a stage
-holding every layer would (every family; here on the CPU, with the device memory given as ``memory_bytes``)."""
+holding every layer would (every family; the device memory given as ``memory_bytes``, on the CPU or a GPU)."""
 
 from __future__ import annotations
 
