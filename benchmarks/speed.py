@@ -694,15 +694,28 @@ def run_dir_of(args, work: Path, stages: int) -> Path:
     return Path(args.run_root or work) / f"run-s{stages}"
 
 
+def prune_job(args, ckpt, work: Path, stages: int):
+    """The job a run with ``stages`` stages times: output ``work/pruned-s<stages>``, run dir ``run_dir_of``."""
+    from actors.coordinator import PruneJob
+
+    return PruneJob(model=str(ckpt.path), out=str(work / f"pruned-s{stages}"), method=args.method, keep=args.keep,
+                    general=args.general, calib=args.calib, tokens=args.tokens, seq_len=args.seq_len,
+                    sample=args.sample, seed=args.seed, run_dir=str(run_dir_of(args, work, stages)), stages=stages,
+                    stages_at_once=args.stages_at_once, micro_batch=args.micro_batch, waves=args.waves,
+                    max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=True, progress=args.progress,
+                    select_early=not args.select_after_observe, write_early=not args.write_after_select)
+
+
 def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, log) -> dict:
     import ray
 
-    from actors.coordinator import PruneJob, run
+    from actors.coordinator import run
     from mop_ray.methods import get_method
     from mop_ray.observe.records import layer_dir
 
     method = get_method(args.method)
-    out, run_dir = work / f"pruned-s{stages}", run_dir_of(args, work, stages)
+    job = prune_job(args, ckpt, work, stages)
+    out, run_dir = Path(job.out), Path(job.run_dir)
     for p in (out, run_dir):
         shutil.rmtree(p, ignore_errors=True)
     if args.page_cache == "warm":  # the stages read from memory: what the pipeline does when reads do not bind
@@ -713,12 +726,6 @@ def one_run(args, ckpt, costs, shards, stages: int, floors: dict, work: Path, lo
         cache = {**drop_cache(shards), "page_cache": "cold"}
         log(f"run with {stages} stage(s): page cache of the shards dropped: {cache['dropped']} "
             f"(resident {fmt(cache['resident_before'], 3)} -> {fmt(cache['resident_after'], 3)})")
-    job = PruneJob(model=str(ckpt.path), out=str(out), method=args.method, keep=args.keep, general=args.general,
-                   calib=args.calib, tokens=args.tokens, seq_len=args.seq_len, sample=args.sample, seed=args.seed,
-                   run_dir=str(run_dir), stages=stages, stages_at_once=args.stages_at_once,
-                   micro_batch=args.micro_batch, waves=args.waves, max_shard_size=args.max_shard_size,
-                   dtype=args.dtype, overwrite=True, progress=args.progress, select_early=not args.select_after_observe,
-                   write_early=not args.write_after_select)
     host, gpu = HostMemory(args.poll), GpuMemory(args.poll)
     host.start()
     gpu.start()
@@ -972,7 +979,7 @@ def main(argv: list[str] | None = None) -> int:
     from mop_ray.checkpoint.reader import Checkpoint
     from mop_ray.errors import MopError
     from mop_ray.methods import get_method
-    from mop_ray.observe.records import sample_row_bytes
+    from actors.disk_space import check_disk_space
 
     t_log = time.perf_counter()
 
@@ -1011,25 +1018,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     work = Path(args.work) if args.work else Path(str(ckpt.path.absolute()) + ".speed")
     work.mkdir(parents=True, exist_ok=True)
-    # upfront disk check: the largest pruned output (+ records) must fit next to the checkpoint
-    expert_bytes = sum(t.nbytes for n, t in ckpt.tensors.items() if ckpt.family.expert_re.match(n))
-    est_out = ckpt.total_bytes - expert_bytes + expert_bytes * args.keep // max(ckpt.num_experts, 1)
-    rows_dtype = getattr(torch, args.dtype or str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "float32"))
-    est_records = len(ckpt.moe_layers) * min(args.sample, args.tokens) * sample_row_bytes(
-        costs["hidden"], ckpt.num_experts, rows_dtype)  # what the job's records take (mop_ray.observe.records)
-    runs = Path(args.run_root) if args.run_root else work  # the records go to --run-root where given
-    runs.mkdir(parents=True, exist_ok=True)
-    need: dict[int, list] = {}  # per file system: [a directory on it, bytes, what]
-    for d, b, what in ((work, est_out, "the pruned output"), (runs, est_records, "the records")):
-        e = need.setdefault(d.stat().st_dev, [d, 0, []])
-        e[1] += b
-        e[2].append(what)
-    for d, b, what in need.values():
-        free = shutil.disk_usage(d).free
-        if free < b + (256 << 20):
-            print(f"speed: error: {d}: {' and '.join(what)} need ~{b / GB:.2f} GB but only {free / GB:.2f} GB are free",
-                  file=sys.stderr)
-            return 2
+    # upfront, before the floors: the job's own disk check (records, output, hidden states between rounds) for the
+    # largest stage count
+    stages = max(args.gpus)
+    try:
+        check_disk_space(prune_job(args, ckpt, work, stages), ckpt,
+                         rounds=-(-stages // args.stages_at_once) if args.stages_at_once else 1)
+    except MopError as e:
+        print(f"speed: error: {e}", file=sys.stderr)
+        return 2
 
     # (a) floors
     mm_dtype = args.dtype or str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "bfloat16")
