@@ -32,7 +32,8 @@ from mop_ray.checkpoint.reader import Checkpoint
 from mop_ray.checkpoint.writer import check_out, human_size, write_pruned
 from mop_ray.errors import MopError
 from mop_ray.methods import get_method
-from mop_ray.plan import describe, job_waves, micro_batch_bytes, plan_stages, plan_waves, wave_tokens
+from mop_ray.plan import (describe, job_waves, micro_batch_bytes, plan_stages, plan_waves, stage_weight_bytes,
+                          wave_tokens)
 from mop_ray.prune import layer_context
 
 
@@ -341,7 +342,7 @@ def _observe_once(job: PruneJob, ckpt: Checkpoint, calib, run: Path, manifest: M
                     f"{times.get('prefetched_gb', 0):.1f} GB of them read ahead into the page cache; "
                     f"imports {times['config_s']:.1f}s; builds and copies {times['build_s']:.1f}s)"
                     + (f"; streamed them, holding at most {times['held_peak_gb']:.1f} of "
-                       f"{sum(ckpt.resident_layer_bytes.get(i, 0) for i in st.layers) / 1e9:.1f} GB at once (budget "
+                       f"{stage_weight_bytes(ckpt, st.layers, False) / 1e9:.1f} GB at once (budget "
                        f"{times['stream_budget_gb']:.1f} GB), {times['room_wait_s']:.1f}s waiting for room"
                        if times.get("stream_budget_gb") else ""))
         finished = True

@@ -225,16 +225,20 @@ class LayerShardWorker:
             need = self.ckpt.resident_layer_bytes.get(i, 0)
             t = time.perf_counter()
             with self._room:
-                while sum(self._held.values()) + need > self._budget:
+                while self._held_bytes() + need > self._budget:
                     if not wait:
                         return None
                     if self._wave_error is not None:
                         raise MopError(f"layer {i} was not loaded: a wave failed on this stage") from self._wave_error
                     self._room.wait(timeout=1.0)
                 self._held[i] = need
-                self.load_times["held_peak_gb"] = max(self.load_times["held_peak_gb"], sum(self._held.values()) / 1e9)
+                self.load_times["held_peak_gb"] = max(self.load_times["held_peak_gb"], self._held_bytes() / 1e9)
             self.load_times["room_wait_s"] += time.perf_counter() - t
         return reader.submit(self._read, i)
+
+    def _held_bytes(self) -> int:
+        """Streaming: the bytes of the layers held now (call with ``_room`` held)."""
+        return sum(self._held.values())
 
     def _let_go_after(self, i: int) -> None:
         """Streaming: layer ``i``'s weights go once what was queued for it (records, selection) is done."""
@@ -516,7 +520,7 @@ class LayerShardWorker:
         loading = sum(ckpt.resident_layer_bytes.get(j, 0) for j, f in zip(self.layer_ids, self._built) if not f.done())
         if self._budget is not None:  # streaming: the loader takes at most the budget's room
             with self._room:
-                loading = min(loading, max(self._budget - sum(self._held.values()), 0))
+                loading = min(loading, max(self._budget - self._held_bytes(), 0))
         block = self._built[self.layer_ids.index(i)].result().mlp
         need = layer_selection_bytes(ckpt, self.observers[i].sample_writer.rows,
                                      block.experts.gate_up_proj.element_size() == 2) + (2 << 30)

@@ -152,6 +152,11 @@ def fewest_stages(ckpt: Checkpoint, device_bytes: int, *, tokens: int, seq_len: 
                    f"{largest.memory_bytes / 2**30:.1f} GiB (layer {largest.layers[0]}, with its activations)")
 
 
+def stage_weight_bytes(ckpt: Checkpoint, layers: list[int], first_stage: bool) -> int:
+    """Resident bytes of a stage's weights: its layers (FP8 dequantized to bf16) and, on the first, the embedding."""
+    return sum(ckpt.resident_layer_bytes.get(i, 0) for i in layers) + (ckpt.embed_bytes if first_stage else 0)
+
+
 SELECT_SHARE = 4  # streaming: a quarter of the device stays free of layers for the selections beside the wave
 
 
@@ -161,12 +166,11 @@ def stream_budget(ckpt: Checkpoint, layers: list[int], first_stage: bool, device
     keeps them all), else the bytes of layer weights it may hold at once (streaming): the device less the
     activations, the first stage's embedding and a quarter for the selections beside the wave. At least its two
     largest layers (the one computing and the next loading), else a MopError."""
-    resident = ckpt.resident_layer_bytes
-    embed = ckpt.embed_bytes if first_stage else 0
-    if sum(resident.get(i, 0) for i in layers) + embed + activation_bytes <= device_bytes:
+    if stage_weight_bytes(ckpt, layers, first_stage) + activation_bytes <= device_bytes:
         return None
+    embed = ckpt.embed_bytes if first_stage else 0
     budget = device_bytes - activation_bytes - embed - device_bytes // SELECT_SHARE
-    two = sum(sorted((resident.get(i, 0) for i in layers), reverse=True)[:2])
+    two = sum(sorted((ckpt.resident_layer_bytes.get(i, 0) for i in layers), reverse=True)[:2])
     if budget < two:
         raise MopError(f"the stage holding layers {layers[0]}-{layers[-1]} streams its layers through its GPU "
                        f"({device_name}, {device_bytes / 1e9:.1f} GB) but its two largest layers need "
@@ -181,11 +185,10 @@ def check_fits(ckpt: Checkpoint, layers: list[int], first_stage: bool, device_by
     """Refuse a stage whose layers' weights alone exceed its GPU's memory: it would otherwise read and copy layers
     for minutes and then run out of memory. Weights are resident bytes (FP8 dequantized to bf16; the first stage
     adds the embedding); the advice counts the whole model's weights plus a tenth for activations."""
-    resident = ckpt.resident_layer_bytes
-    need = sum(resident.get(i, 0) for i in layers) + (ckpt.embed_bytes if first_stage else 0)
+    need = stage_weight_bytes(ckpt, layers, first_stage)
     if need <= device_bytes:
         return
-    whole = sum(resident.values()) + ckpt.embed_bytes
+    whole = sum(ckpt.resident_layer_bytes.values()) + ckpt.embed_bytes
     gpus = -(-(whole * 11 // 10) // device_bytes)
     raise MopError(f"the stage holding layers {layers[0]}-{layers[-1]} needs {need / 1e9:.1f} GB for their weights "
                    f"but its GPU ({device_name}) has {device_bytes / 1e9:.1f} GB: the model's {whole / 1e9:.1f} GB of "
